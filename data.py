@@ -1,0 +1,222 @@
+"""Datasets and augmentation: every image decoded once, held in memory as uint8, augmented per sample.
+
+CIFAR-sized data is small (50,000 x 3 x 32 x 32 bytes = 150 MB), so we decode each file once into one
+uint8 tensor and never touch the disk or a JPEG decoder again. Two CPU cores then spend their time
+training instead of decoding, and a batch travels to the GPU as bytes (4x less than float32) and is
+turned into normalised floats there (`normalize`).
+
+Datasets (`--dataset`):
+    cifar10, cifar100   torchvision's copies, downloaded into --data-dir (default ./data)
+    folder              any tree  DATA_DIR/train/<class>/*.jpg  and  DATA_DIR/test/<class>/*.jpg
+                        (or val/ instead of test/), e.g. the CIFAR-10 JPEG copy
+    fake                synthetic images with a learnable pattern per class; offline, for tests
+
+Augmentation (training only) is the standard CIFAR recipe: a random 32x32 crop of the image padded by
+4 pixels, and a random horizontal flip. Both are label-preserving for natural images and give the model
+many slightly different views of each picture, which a ViT needs more than a CNN does: it has no
+built-in notion that a shifted object is the same object (the paper's Sec. 3.1, "Inductive bias").
+
+Letters in shape comments: N images, C channels, H/W height/width, B batch.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+DATASETS = ("cifar10", "cifar100", "folder", "fake")
+
+# Per-channel mean and standard deviation of the training images, pixel values scaled to [0, 1].
+# CIFAR-10: computed over the 50,000 training images (the same values as in e.g. the pytorch-cifar and
+# timm communities; beware the often-copied std (0.2023, 0.1994, 0.2010), which is not the dataset's).
+# CIFAR-100: likewise over its 50,000 training images. A folder's are computed when it is loaded.
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+class DataError(RuntimeError):
+    """A problem with the data that the user can fix; train.py prints it as one sentence."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor   # (N, C, H, W) uint8
+    labels: torch.Tensor   # (N,) int64
+
+    def __len__(self):
+        return len(self.labels)
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split | None      # held out from train with --val-split, else None
+    test: Split
+    classes: list
+    mean: tuple
+    std: tuple
+
+
+def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fake_size=(1000, 200)):
+    """Load a dataset into memory. Images whose size differs from image_size are resized once here."""
+    if name in ("cifar10", "cifar100"):
+        train, test, classes = _torchvision_cifar(name, data_dir)
+        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    elif name == "folder":
+        train, test, classes = _image_folder(data_dir, image_size)
+        mean, std = channel_stats(train.images)
+    elif name == "fake":
+        classes = [f"class{i}" for i in range(10)]
+        train = fake_split(fake_size[0], image_size, len(classes), seed=1)
+        test = fake_split(fake_size[1], image_size, len(classes), seed=2)
+        mean, std = channel_stats(train.images)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if train.images.shape[-1] != image_size or train.images.shape[-2] != image_size:
+        train, test = _resize(train, image_size), _resize(test, image_size)
+    val = None
+    if val_split > 0:
+        if not 0 < val_split < 1:
+            raise DataError(f"--val-split is a fraction of the training set in (0, 1), got {val_split}")
+        # A fixed permutation (seeded) so that resuming, and every rank of a multi-GPU run, hold out
+        # exactly the same images.
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        n_val = max(1, int(len(train) * val_split))
+        val = Split(train.images[order[:n_val]], train.labels[order[:n_val]])
+        train = Split(train.images[order[n_val:]], train.labels[order[n_val:]])
+    return Data(train, val, test, classes, tuple(mean), tuple(std))
+
+
+def _torchvision_cifar(name, data_dir):
+    from torchvision import datasets
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train = cls(data_dir, train=True, download=True)
+        test = cls(data_dir, train=False, download=True)
+    except Exception as e:  # URLError, socket errors, a half-downloaded archive: all end the same way
+        raise DataError(
+            f"could not download {name.upper()} into {data_dir} ({type(e).__name__}: {e}). If this "
+            f"machine is offline, train on an image folder instead: python train.py --dataset folder "
+            f"--data-dir path/to/images (with train/<class>/ and test/<class>/ inside)") from None
+
+    def to_split(ds):  # torchvision keeps CIFAR as a numpy array (N, H, W, C)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, C, H, W)
+        return Split(images, torch.tensor(ds.targets, dtype=torch.long))
+    return to_split(train), to_split(test), list(train.classes)
+
+
+def _image_folder(root, image_size):
+    if not os.path.isdir(root):
+        raise DataError(f"--data-dir {root} does not exist; for --dataset folder it must hold train/ "
+                        f"and test/ (or val/) folders with one sub-folder of images per class")
+    train_dir = os.path.join(root, "train")
+    test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(train_dir) or test_dir is None:
+        found = ", ".join(sorted(os.listdir(root))[:8]) or "nothing"
+        raise DataError(f"{root} must hold train/ and test/ (or val/) folders, one sub-folder per "
+                        f"class inside each; found: {found}")
+    classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
+    if not classes:
+        raise DataError(f"{train_dir} has no class sub-folders (expected {train_dir}/<class>/<image>)")
+    return _read_folder(train_dir, classes, image_size), _read_folder(test_dir, classes, image_size), classes
+
+
+def _read_folder(split_dir, classes, image_size):
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
+            if os.path.isdir(class_dir) else []
+        for f in files:
+            images.append(read_image(os.path.join(class_dir, f), image_size))
+            labels.append(label)
+    if not images:
+        raise DataError(f"no images found in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        f"files in one sub-folder per class: {', '.join(classes[:5])}...)")
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+
+def read_image(path, size=None):
+    """Any image file -> (3, H, W) uint8 RGB, resized to size x size if given and different.
+
+    PIL converts every mode it knows (grayscale, palette, RGBA, CMYK) to RGB; 16-bit grayscale is
+    scaled down to 8 bits first, since PIL's own conversion would clip it to white.
+    """
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                im = im.point(lambda v: v / 256).convert("L")
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            return x.reshape(im.size[1], im.size[0], 3).permute(2, 0, 1).contiguous()   # (3, H, W)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path} is not an image PIL can read ({e})") from None
+
+
+def fake_split(n, image_size, num_classes, seed):
+    """Noise images with a bright square whose place and colour depend on the class: learnable, offline."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    images = torch.randint(0, 128, (n, 3, image_size, image_size), generator=g, dtype=torch.uint8)
+    s = max(image_size // 4, 1)
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        row, col = (c // 4) * s % (image_size - s + 1), (c % 4) * s % (image_size - s + 1)
+        images[idx, c % 3, row:row + s, col:col + s] = 255
+    return Split(images, labels)
+
+
+def channel_stats(images):
+    """Per-channel mean and std of a (N, C, H, W) uint8 tensor, in [0, 1] units."""
+    x = images[:20000].float().div(255).transpose(0, 1).flatten(1)   # (C, N*H*W), a sample suffices
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
+
+
+def _resize(split, size):
+    x = v2.functional.resize(split.images, [size, size], antialias=True)
+    return Split(x, split.labels)
+
+
+def train_transform(image_size, crop_padding=4, flip=True):
+    """Per-sample augmentation on uint8 (C, H, W) tensors. Returns None when there is nothing to do."""
+    steps = []
+    if crop_padding > 0:
+        steps.append(v2.RandomCrop(image_size, padding=crop_padding, padding_mode="reflect"))
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps) if steps else None
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A Split as a Dataset: item i is (augmented uint8 image (C, H, W), label)."""
+
+    def __init__(self, split, transform=None):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        x = self.split.images[i]
+        return (self.transform(x) if self.transform else x), self.split.labels[i]
+
+
+def normalize(images, mean, std, size=None):
+    """uint8 (B, C, H, W) on any device -> float32 (B, C, size, size), zero mean and unit variance.
+
+    Done on the device, after the bytes have been copied there. `size` resizes the batch, for models
+    whose input is larger than the stored images (fine-tuning a 224x224 model on 32x32 CIFAR).
+    """
+    x = images.float().div_(255)
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)   # (1, C, 1, 1) broadcasts over B, H, W
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,338 @@
+"""The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al., ICLR 2021).
+
+Read this file top to bottom; it is the whole model. Section 3.1 of the paper, in four equations:
+
+    Eq. 1   z_0 = [x_class; x_p^1 E; ...; x_p^N E] + E_pos      patches -> tokens (+ position)
+    Eq. 2   z'_l = MSA(LN(z_{l-1})) + z_{l-1}                  attention block, pre-norm, residual
+    Eq. 3   z_l  = MLP(LN(z'_l)) + z'_l                        MLP block, pre-norm, residual
+    Eq. 4   y    = LN(z_L^0)                                   the class token after the last layer
+
+and a linear head on y gives the class scores. `from_torchvision` at the bottom copies the weights of
+torchvision's VisionTransformer into this model; test_vit.py checks that both then give the same logits,
+which is our proof that this file is the paper's ViT and not something like it.
+
+Letters in shape comments:
+    B batch, C image channels, H/W image height/width, P patch size, G_h/G_w patch grid (H/P, W/P),
+    N tokens (G_h*G_w patches, +1 with a class token), D width, h heads, d per-head width (D/h),
+    M MLP hidden width, K classes
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32          # input is image_size x image_size (non-square patch grids: see grid)
+    patch_size: int = 4           # P: 32/4 gives an 8x8 grid, 64 patch tokens
+    in_channels: int = 3
+    num_classes: int = 10
+    dim: int = 96                 # D, the width the paper calls "Hidden size"
+    depth: int = 6                # L, number of blocks ("Layers")
+    heads: int = 3                # h, attention heads; D must divide into them
+    mlp_ratio: float = 2.0        # M = D * mlp_ratio ("MLP size"; the paper uses 4)
+    dropout: float = 0.0          # after the embeddings, inside the MLP and after attention
+    attn_dropout: float = 0.0     # on the attention weights
+    drop_path: float = 0.0        # stochastic depth, the rate of the last block (earlier ones less)
+    qkv_bias: bool = True
+    pool: str = "cls"             # "cls": class token (Eq. 4); "mean": average of patch tokens
+    representation_size: int = 0  # >0: the pre-logits layer (Linear+tanh) used in pre-training
+    image_height: int = 0         # 0 means square; set for non-square inputs, e.g. 32x48
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.image_height < 0:
+            raise ValueError(f"image_height must be 0 (square) or positive, got {self.image_height}")
+        for side in (self.image_size, self.image_height or self.image_size):
+            if side % self.patch_size:
+                raise ValueError(f"image size {side} is not divisible by patch size {self.patch_size}: "
+                                 f"pick a patch size that divides it (e.g. 4 for 32x32 images)")
+        if self.dim % self.heads:
+            raise ValueError(f"width {self.dim} is not divisible by {self.heads} heads: each head gets "
+                             f"an equal slice of the width (try --heads {math.gcd(self.dim, 12)})")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+
+    @property
+    def grid(self):
+        """(G_h, G_w): how many patches fit down and across the image."""
+        return (self.image_height or self.image_size) // self.patch_size, self.image_size // self.patch_size
+
+    @property
+    def mlp_dim(self):
+        return round(self.dim * self.mlp_ratio)
+
+
+# Named shapes. The CIFAR ones take 32x32 inputs with 4x4 patches (an 8x8 grid): 16x16 patches would
+# leave only 4 tokens. The last five are Table 1 of the paper at 224x224, named like torchvision's
+# builders so that the fine-tuning code can find their weights by the same name.
+MODELS = {
+    # the CPU default: trains in minutes per epoch on two laptop cores
+    "cifar_tiny": dict(dim=96, depth=6, heads=3, mlp_ratio=2.0),
+    # the plain-ViT baseline of Lee et al. 2021 ("ViT for Small-Size Datasets"), about 2.7M parameters
+    "cifar_small": dict(dim=192, depth=9, heads=12, mlp_ratio=2.0),
+    # wider and deeper, for a GPU and a long schedule, about 9.5M parameters
+    "cifar_base": dict(dim=384, depth=8, heads=8, mlp_ratio=2.0),
+    "vit_b_16": dict(image_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0),
+    "vit_b_32": dict(image_size=224, patch_size=32, dim=768, depth=12, heads=12, mlp_ratio=4.0),
+    "vit_l_16": dict(image_size=224, patch_size=16, dim=1024, depth=24, heads=16, mlp_ratio=4.0),
+    "vit_l_32": dict(image_size=224, patch_size=32, dim=1024, depth=24, heads=16, mlp_ratio=4.0),
+    "vit_h_14": dict(image_size=224, patch_size=14, dim=1280, depth=32, heads=16, mlp_ratio=4.0),
+}
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, MSA in Eq. 2 (and Eq. 5-8 of the paper's Appendix A)."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.attn_dropout = cfg.attn_dropout
+        # One Linear makes q, k and v for all heads at once: three (D, D) projections stacked into one
+        # (3D, D) matrix is one big matmul instead of 3*h small ones. torchvision stores the same matrix
+        # (as in_proj_weight), which is why its weights copy over unchanged.
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.proj_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, return_attention=False):
+        B, N, D = x.shape
+        d = D // self.heads
+        # Head i owns features [i*d, (i+1)*d) of q, k and v.
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, d)      # (B, N, 3, h, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)          # 3 x (B, h, N, d)
+        drop = self.attn_dropout if self.training else 0.0
+        if return_attention:
+            # The explicit path: softmax(q k^T / sqrt(d)) v, keeping the (N, N) weights to look at.
+            # Dividing by sqrt(d) keeps the logits' variance near 1 whatever d is, so the softmax does
+            # not saturate into one-hot rows at initialisation (Vaswani et al. 2017, Sec. 3.2.1).
+            attn = (q @ k.transpose(-2, -1)) / math.sqrt(d)     # (B, h, N, N)
+            attn = attn.softmax(dim=-1)                         # each row sums to 1
+            out = F.dropout(attn, drop, self.training) @ v      # (B, h, N, d)
+        else:
+            # The fast path computes the same thing in one fused kernel (FlashAttention or a
+            # memory-efficient kernel on GPUs) and never writes the (N, N) matrix to memory.
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, h, N, d)
+            attn = None
+        out = out.transpose(1, 2).reshape(B, N, D)              # (B, N, h*d): heads side by side again
+        return self.proj_drop(self.proj(out)), attn
+
+
+class MLP(nn.Module):
+    """The MLP of Eq. 3: two layers with a GELU between, applied to every token separately."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)   # (B, N, D) -> (B, N, M)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)   # (B, N, M) -> (B, N, D)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        # The exact (erf) GELU, as in the paper's code and torchvision; the tanh approximation is not
+        # faster in PyTorch and would break equality with torchvision's weights.
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth (Huang et al. 2016): skip a block's residual branch for random samples.
+
+    Each sample of the batch keeps the branch with probability 1-rate, and kept branches are scaled by
+    1/(1-rate) so that the expected output is unchanged; at test time every branch is used.
+    """
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], 1, 1, device=x.device) >= rate   # (B, 1, 1): one coin per sample
+    return x * keep.to(x.dtype) / (1.0 - rate)
+
+
+class Block(nn.Module):
+    """One Transformer encoder layer: Eq. 2 then Eq. 3.
+
+    Pre-norm (LayerNorm *before* attention and MLP, inside the residual branch) is what the paper uses.
+    It leaves the residual path an identity from input to output, so gradients reach the first layers
+    undamped and a ViT trains without the careful warmup that post-norm Transformers need.
+    """
+
+    def __init__(self, cfg: ViTConfig, drop_path_rate=0.0):
+        super().__init__()
+        # eps=1e-6 as in the paper's code (big_vision) and torchvision; PyTorch's default is 1e-5.
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.mlp = MLP(cfg)
+        self.drop_path = drop_path_rate
+
+    def forward(self, x, return_attention=False):                 # x: (B, N, D)
+        a, attn = self.attn(self.norm1(x), return_attention)
+        x = x + drop_path(a, self.drop_path, self.training)        # Eq. 2
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)  # Eq. 3
+        return x, attn
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        G_h, G_w = cfg.grid
+        # Eq. 1's "x_p E": flattening each PxP patch and multiplying by E (P*P*C, D) is exactly a
+        # convolution whose kernel and stride are both P. The conv does it without copying patches out.
+        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size,
+                                     stride=cfg.patch_size)
+        # The class token is a learned extra token (as in BERT) whose final state summarises the image
+        # for the head (Eq. 4). With pool="mean" there is none and the head sees the mean patch token.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
+        n_tokens = G_h * G_w + (cfg.pool == "cls")
+        # Learned 1-D position embeddings: one vector per token index. The paper (Appendix D.4) found
+        # 2-D-aware variants no better; the model learns the grid itself (visualize.py shows it).
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, cfg.dim))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        # Stochastic depth rises linearly with depth (the DeiT recipe): early blocks are rarely dropped.
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)                 # the LN of Eq. 4
+        # Pre-training used a hidden layer before the head (the "representation"); fine-tuning drops it.
+        self.pre_logits = (nn.Sequential(nn.Linear(cfg.dim, cfg.representation_size), nn.Tanh())
+                           if cfg.representation_size else nn.Identity())
+        self.head = nn.Linear(cfg.representation_size or cfg.dim, cfg.num_classes)
+        self.init_weights()
+
+    def init_weights(self):
+        """Every initial value of the model, in one place."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                # Truncated normal, std 0.02: BERT's choice, kept by timm and DeiT for ViTs.
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # The patch embedding is a Linear on flattened patches (see above): LeCun normal on its fan-in,
+        # as torchvision does, so a patch's embedding starts with unit-scale variance.
+        fan_in = self.patch_embed.in_channels * self.patch_embed.kernel_size[0] ** 2
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)           # as in timm and torchvision
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)                        # as in torchvision
+        # A zero head starts every class at equal odds (loss = ln K); the paper zero-initialises the
+        # head for fine-tuning too (Sec. 3.2).
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def embed(self, images):
+        """Eq. 1: images (B, C, H, W) -> tokens (B, N, D) with position embeddings added."""
+        x = self.patch_embed(images)                     # (B, D, G_h, G_w)
+        x = x.flatten(2).transpose(1, 2)                 # (B, G_h*G_w, D): row by row, left to right
+        if self.cls_token is not None:
+            cls = self.cls_token.expand(x.shape[0], -1, -1)   # (B, 1, D)
+            x = torch.cat([cls, x], dim=1)               # (B, N, D), class token at index 0
+        return self.pos_drop(x + self.pos_embed)         # pos_embed (1, N, D) broadcasts over B
+
+    def pool(self, x):
+        """(B, N, D) -> (B, D): the image's summary that the head classifies (Eq. 4)."""
+        x = self.norm(x)
+        return x[:, 0] if self.cls_token is not None else x.mean(dim=1)
+
+    def forward(self, images, return_attention=False):
+        """images (B, C, H, W) -> logits (B, K).
+
+        With return_attention=True every block takes the explicit attention path and the result is
+        (logits, maps), maps being a list with one (B, h, N, N) tensor per block, row i holding how
+        much token i attends to each token.
+        """
+        x = self.embed(images)                           # (B, N, D)
+        maps = []
+        for block in self.blocks:
+            x, attn = block(x, return_attention)         # (B, N, D)
+            maps.append(attn)
+        logits = self.head(self.pre_logits(self.pool(x)))   # (B, K)
+        return (logits, maps) if return_attention else logits
+
+
+def build_model(name="cifar_tiny", **overrides):
+    """A ViT from a named shape in MODELS, with any ViTConfig field overridden (None means keep)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    fields = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return ViT(ViTConfig(**fields))
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def from_torchvision(tv_model, **overrides):
+    """Build our ViT from a torchvision.models.VisionTransformer of any shape, weights included.
+
+    Only names differ, so this is a dictionary of renames: torchvision's nn.MultiheadAttention keeps
+    q, k, v stacked in one in_proj matrix exactly like our qkv Linear, and its MLP is Linear, GELU,
+    Dropout, Linear, Dropout, so "mlp.0" is our fc1 and "mlp.3" our fc2. `overrides` change config
+    fields that hold no weights (dropouts, drop_path).
+    """
+    enc = tv_model.encoder
+    layer0 = enc.layers[0]
+    cfg = ViTConfig(
+        image_size=tv_model.image_size, patch_size=tv_model.patch_size,
+        in_channels=tv_model.conv_proj.in_channels, num_classes=tv_model.num_classes,
+        dim=tv_model.hidden_dim, depth=len(enc.layers), heads=layer0.self_attention.num_heads,
+        mlp_ratio=tv_model.mlp_dim / tv_model.hidden_dim, dropout=tv_model.dropout,
+        attn_dropout=tv_model.attention_dropout, qkv_bias=layer0.self_attention.in_proj_bias is not None,
+        representation_size=tv_model.representation_size or 0,
+    )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    cfg.__post_init__()
+    model = ViT(cfg)
+
+    tv = tv_model.state_dict()
+    ours = {
+        "patch_embed.weight": tv["conv_proj.weight"], "patch_embed.bias": tv["conv_proj.bias"],
+        "cls_token": tv["class_token"], "pos_embed": tv["encoder.pos_embedding"],
+        "norm.weight": tv["encoder.ln.weight"], "norm.bias": tv["encoder.ln.bias"],
+        "head.weight": tv["heads.head.weight"], "head.bias": tv["heads.head.bias"],
+    }
+    if cfg.representation_size:
+        ours["pre_logits.0.weight"] = tv["heads.pre_logits.weight"]
+        ours["pre_logits.0.bias"] = tv["heads.pre_logits.bias"]
+    renames = {"ln_1": "norm1", "ln_2": "norm2", "self_attention.in_proj_": "attn.qkv.",
+               "self_attention.out_proj": "attn.proj", "mlp.0": "mlp.fc1", "mlp.3": "mlp.fc2"}
+    for i in range(cfg.depth):
+        prefix = f"encoder.layers.encoder_layer_{i}."
+        for key, value in tv.items():
+            if key.startswith(prefix):
+                name = key[len(prefix):]
+                for old, new in renames.items():
+                    name = name.replace(old, new)
+                ours[f"blocks.{i}.{name}"] = value
+    model.load_state_dict(ours)   # strict: a key we failed to map is an error, not a silent skip
+    return model
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid, has_cls=True):
+    """Resize learned position embeddings to a new patch grid (the paper's Sec. 3.2).
+
+    A model trained on an old_grid of patches meets a different grid when the image size changes. The
+    patch embeddings are a 2-D map in disguise, so we lay them out on the old grid, resize that map
+    bicubically, and flatten again; the class token's embedding belongs to no position and is kept.
+    pos_embed: (1, N_old, D) -> (1, N_new, D)
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    cls, patches = (pos_embed[:, :1], pos_embed[:, 1:]) if has_cls else (pos_embed[:, :0], pos_embed)
+    D = patches.shape[-1]
+    grid = patches.reshape(1, *old_grid, D).permute(0, 3, 1, 2)            # (1, D, G_h, G_w)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)  # (1, G_h'*G_w', D)
+    return torch.cat([cls, patches], dim=1)                                  # (1, N_new, D)
