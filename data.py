@@ -62,7 +62,12 @@ class Data:
 
 
 def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fake_size=(1000, 200)):
-    """Load a dataset into memory. Images whose size differs from image_size are resized once here."""
+    """Load a dataset into memory, at the images' own size.
+
+    Images are kept as they are stored (32x32 for CIFAR) and batches are resized on the device to the
+    model's input (`normalize`), so fine-tuning at 224x224 does not hold 50 times more bytes. Only an
+    image folder whose images differ in size, or are larger than image_size, is resized here.
+    """
     if name in ("cifar10", "cifar100"):
         train, test, classes = _torchvision_cifar(name, data_dir)
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
@@ -76,8 +81,6 @@ def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fak
         mean, std = channel_stats(train.images)
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    if train.images.shape[-1] != image_size or train.images.shape[-2] != image_size:
-        train, test = _resize(train, image_size), _resize(test, image_size)
     val = None
     if val_split > 0:
         if not 0 < val_split < 1:
@@ -126,17 +129,26 @@ def _image_folder(root, image_size):
 
 
 def _read_folder(split_dir, classes, image_size):
-    images, labels = [], []
+    images, labels, size = [], [], None
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
             if os.path.isdir(class_dir) else []
         for f in files:
-            images.append(read_image(os.path.join(class_dir, f), image_size))
+            # If the images differ in size, or are larger than the model's input, all are resized to
+            # image_size below, so that they fit one tensor; otherwise they are kept as they are.
+            x = read_image(os.path.join(class_dir, f))
+            if size is None:
+                size = x.shape
+            elif size != "mixed" and x.shape != size:
+                size = "mixed"
+            images.append(x)
             labels.append(label)
     if not images:
         raise DataError(f"no images found in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         f"files in one sub-folder per class: {', '.join(classes[:5])}...)")
+    if size == "mixed" or size[-1] > image_size:   # never hold more pixels than the model takes
+        images = [v2.functional.resize(x, [image_size, image_size], antialias=True) for x in images]
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
 
 
@@ -179,11 +191,6 @@ def channel_stats(images):
     return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
 
 
-def _resize(split, size):
-    x = v2.functional.resize(split.images, [size, size], antialias=True)
-    return Split(x, split.labels)
-
-
 def train_transform(image_size, crop_padding=4, flip=True):
     """Per-sample augmentation on uint8 (C, H, W) tensors. Returns None when there is nothing to do."""
     steps = []
@@ -209,14 +216,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def normalize(images, mean, std, size=None):
-    """uint8 (B, C, H, W) on any device -> float32 (B, C, size, size), zero mean and unit variance.
+    """uint8 (B, C, H, W) on any device -> float32 (B, C, *size), zero mean and unit variance.
 
-    Done on the device, after the bytes have been copied there. `size` resizes the batch, for models
-    whose input is larger than the stored images (fine-tuning a 224x224 model on 32x32 CIFAR).
+    Done on the device, after the bytes have been copied there. `size` (height, width) resizes the
+    batch to the model's input, e.g. 32x32 CIFAR images for a model fine-tuned at 224x224.
     """
     x = images.float().div_(255)
-    if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    if size is not None and tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
     mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)   # (1, C, 1, 1) broadcasts over B, H, W
     std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std

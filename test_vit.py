@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from PIL import Image
 
 import data as datasets
 import train
+import visualize
 import vit
 from vit import ViT, ViTConfig
 
@@ -228,7 +230,7 @@ class TestData(unittest.TestCase):
         x = datasets.normalize(images, mean, std)
         self.assertEqual(x.dtype, torch.float32)
         self.assertAlmostEqual(x.mean().item(), 0.0, delta=0.01)
-        self.assertEqual(datasets.normalize(images, mean, std, size=12).shape, (4, 3, 12, 12))
+        self.assertEqual(datasets.normalize(images, mean, std, size=(12, 12)).shape, (4, 3, 12, 12))
 
 
 class TestTraining(unittest.TestCase):
@@ -299,6 +301,384 @@ class TestTraining(unittest.TestCase):
                      "--seed", "--out", "--image-size", "--patch-size", "--dim", "--depth", "--heads",
                      "--mlp-ratio", "--val-split", "--eval-only", "--ckpt", "--compile"):
             self.assertIn(flag, out.stdout)
+
+
+class TestReliability(unittest.TestCase):
+    SMALL = ("--dataset", "fake", "--batch-size", 50, "--dim", 32, "--depth", 2, "--heads", 2)
+
+    def test_interrupted_and_resumed_run_equals_uninterrupted(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            a, b = os.path.join(tmp, "a.pt"), os.path.join(tmp, "b.pt")
+            code, log = run_train(*self.SMALL, "--epochs", 3, "--out", a, "--drop-path", 0.1)
+            self.assertEqual(code, 0, log)
+            # Stop part-way into epoch 2 (step 27 of 60), exactly as Ctrl-C would: the flag is set.
+            real = train.stop_requested
+
+            def stop_at_27(ctx, step):
+                if step == 27:
+                    ctx["stop"].signal = "SIGINT"
+                return real(ctx, step)
+            train.stop_requested = stop_at_27
+            try:
+                code, log = run_train(*self.SMALL, "--epochs", 3, "--out", b, "--drop-path", 0.1)
+            finally:
+                train.stop_requested = real
+            self.assertEqual(code, 128 + signal.SIGINT, log)
+            self.assertIn(f"Continue with: python train.py --resume {b}", log)
+            self.assertEqual(torch.load(b, weights_only=True)["step"], 27)
+            code, log = run_train("--resume", b)
+            self.assertEqual(code, 0, log)
+            self.assertIn("at step 27 (epoch 2, batch 8 of 20)", log)
+            ckpt_a, ckpt_b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+            # Same weights and the same metrics (timings aside): deterministic on CPU, so exactly equal.
+            for k, v in ckpt_a["model"].items():
+                torch.testing.assert_close(ckpt_b["model"][k], v, rtol=0, atol=0)
+            timing = ("images_per_s", "epoch_s", "elapsed_s")
+            strip = lambda hist: [{k: v for k, v in h.items() if k not in timing} for h in hist]
+            self.assertEqual(strip(ckpt_a["metrics"]), strip(ckpt_b["metrics"]))
+
+    def test_ctrl_c_in_a_real_process_saves_and_says_how_to_resume(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "m.pt")
+            argv = [sys.executable, "-u", "train.py", *map(str, self.SMALL), "--epochs", "100000",
+                    "--out", out]
+            proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            lines = []
+            for line in proc.stdout:            # wait until training is under way
+                lines.append(line)
+                if line.startswith("epoch   1/"):
+                    break
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=60)
+            self.assertEqual(proc.returncode, 128 + signal.SIGINT, "".join(lines) + rest)
+            self.assertIn("finishing this step", rest)
+            self.assertIn("--resume", rest)
+            self.assertNotIn("Traceback", rest)
+            ckpt = train.load_checkpoint(out)
+            self.assertGreaterEqual(ckpt["step"], 20)
+
+    def test_stop_request_handler(self):
+        stop = train.StopRequest()
+        with contextlib.redirect_stderr(io.StringIO()):
+            stop(signal.SIGTERM, None)
+            self.assertEqual(stop.signal, "SIGTERM")
+            with self.assertRaises(KeyboardInterrupt):       # the second signal quits at once
+                stop(signal.SIGINT, None)
+
+    def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "m.pt")
+            self.assertEqual(run_train(*self.SMALL, "--epochs", 1, "--out", out)[0], 0)
+            with open(out, "rb") as f:
+                before = f.read()
+            code, log = run_train("--resume", out, "--epochs", 3, "--lr", "1e30", "--grad-clip", 0)
+            self.assertEqual(code, 1, log)
+            self.assertIn("the loss became nan", log)
+            with open(out, "rb") as f:
+                self.assertEqual(f.read(), before)
+
+    def test_best_checkpoint_and_patience(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "m.pt")
+            # learning rate 0: accuracy never improves after epoch 1, so patience 2 stops after epoch 3
+            code, log = run_train(*self.SMALL, "--epochs", 10, "--lr", 0, "--min-lr", 0, "--patience", 2,
+                                  "--out", out)
+            self.assertEqual(code, 0, log)
+            self.assertIn("stopping early", log)
+            self.assertEqual(train.load_checkpoint(out)["epoch"], 3)
+            self.assertEqual(train.load_checkpoint(os.path.join(tmp, "m.best.pt"))["epoch"], 1)
+
+    def test_save_is_atomic(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "m.pt")
+            train.save_checkpoint({"config": {}, "model": {}, "epoch": 1}, path)
+            real = torch.save
+
+            def crash(obj, f):
+                real(obj, f)
+                with open(f, "r+b") as fh:       # half a file written, then the machine dies
+                    fh.truncate(10)
+                raise OSError("disk full")
+            torch.save = crash
+            try:
+                with self.assertRaises(OSError):
+                    train.save_checkpoint({"config": {}, "model": {}, "epoch": 2}, path)
+            finally:
+                torch.save = real
+            self.assertEqual(torch.load(path, weights_only=True)["epoch"], 1)
+
+    def test_load_weights_strips_wrappers_and_names_mismatches(self):
+        model = ViT(ViTConfig(**TINY))
+        wrapped = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+        train.load_weights(ViT(ViTConfig(**TINY)), wrapped)
+        broken = dict(model.state_dict())
+        del broken["head.bias"]
+        broken["extra.weight"] = torch.zeros(1)
+        broken["pos_embed"] = torch.zeros(1, 5, 32)
+        with self.assertRaisesRegex(train.CheckpointError,
+                                    "missing: head.bias; unexpected: extra.weight; wrong shape.*pos_embed"):
+            train.load_weights(model, broken)
+
+    def test_bad_checkpoints_and_flags(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            good = os.path.join(tmp, "m.pt")
+            self.assertEqual(run_train(*self.SMALL, "--epochs", 1, "--out", good)[0], 0)
+            truncated = os.path.join(tmp, "t.pt")
+            with open(good, "rb") as f, open(truncated, "wb") as g:
+                g.write(f.read()[:5000])
+            foreign = os.path.join(tmp, "f.pt")
+            torch.save({"weights": torch.zeros(3)}, foreign)
+            cases = [(("--eval-only", "--ckpt", truncated), 1, "could not be read"),
+                     (("--eval-only", "--ckpt", foreign), 1, "not a checkpoint of this project"),
+                     (("--resume", good, "--dim", 64), 1, "different model than asked for: --dim 64"),
+                     (("--dim", -4), 2, "dim must be positive"),
+                     (("--device", "cuda:7"), 2, "--device cuda:7"),
+                     (("--device", "banana"), 2, "not a device name"),
+                     (("--batch-size", 0), 2, "--batch-size 0 must be positive"),
+                     (("--val-split", 1.5), 1, "--val-split is a fraction")]
+            for argv, want_code, words in cases:
+                with self.subTest(argv=argv):
+                    code, out = run_train(*self.SMALL, "--epochs", 1, "--out", os.path.join(tmp, "x.pt"), *argv)
+                    self.assertEqual(code, want_code, out)
+                    self.assertIn(words, out)
+                    self.assertNotIn("Traceback", out)
+
+    def test_two_processes_match_one(self):
+        # torchrun with 2 CPU processes (gloo) and global batch 50 against 1 process with batch 50. No
+        # augmentation: each process draws its own random crops, which would make the runs differ.
+        with tempfile.TemporaryDirectory() as tmp:
+            common = [*map(str, self.SMALL), "--epochs", "1", "--crop-padding", "0", "--no-flip",
+                      "--device", "cpu"]
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc_per_node=2", "train.py", *common, "--out", f"{tmp}/two.pt"],
+                                 cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
+            self.assertEqual(two.returncode, 0, two.stdout + two.stderr)
+            self.assertIn("2 process(es), global batch 50", two.stdout)
+            self.assertIn("weights identical in all 2 processes", two.stdout)
+            self.assertEqual(two.stdout.count("epoch   1/1"), 1)            # only rank 0 prints
+            code, log = run_train(*common, "--out", f"{tmp}/one.pt")
+            self.assertEqual(code, 0, log)
+            one, two = torch.load(f"{tmp}/one.pt", weights_only=True), torch.load(f"{tmp}/two.pt", weights_only=True)
+            for k, v in one["model"].items():
+                torch.testing.assert_close(two["model"][k], v, atol=1e-5, rtol=1e-4)
+            self.assertAlmostEqual(one["metrics"][0]["train_loss"], two["metrics"][0]["train_loss"], places=3)
+            self.assertEqual(one["metrics"][0]["eval_acc"], two["metrics"][0]["eval_acc"])
+
+
+class TestFineTuning(unittest.TestCase):
+    SMALL = ("--dataset", "fake", "--batch-size", 50, "--epochs", 1)
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.old_home = os.environ.get("TORCH_HOME")
+        os.environ["TORCH_HOME"] = self.tmp.name        # a private torch hub cache, empty at first
+
+    def tearDown(self):
+        if self.old_home is None:
+            os.environ.pop("TORCH_HOME", None)
+        else:
+            os.environ["TORCH_HOME"] = self.old_home
+        self.tmp.cleanup()
+
+    def put_stand_in_weights(self):
+        """A small ViT in torchvision's format, at the path where torchvision caches vit_b_16's
+        IMAGENET1K_V1 weights: the real loading code then finds it instead of downloading."""
+        torch.manual_seed(0)
+        tv = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=2, num_heads=12,
+                                                  hidden_dim=48, mlp_dim=96, num_classes=1000)
+        weights = torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1
+        folder = os.path.join(self.tmp.name, "hub", "checkpoints")
+        os.makedirs(folder)
+        torch.save(tv.state_dict(), os.path.join(folder, os.path.basename(weights.url)))
+
+    def test_vit_b_16_weights_give_torchvision_logits(self):
+        torch.manual_seed(0)
+        tv = torchvision.models.vit_b_16().eval()          # the real shape, random weights
+        for p in tv.heads.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        ours = vit.from_torchvision(tv).eval()
+        self.assertEqual((ours.cfg.dim, ours.cfg.depth, ours.cfg.heads, ours.cfg.mlp_dim), (768, 12, 12, 3072))
+        x = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():
+            expected = tv(x)
+            self.assertLessEqual((ours(x) - expected).abs().max().item(), 1e-4)
+
+    def test_reset_head_and_set_image_size(self):
+        model = ViT(ViTConfig(**TINY))
+        model.reset_head(3)
+        self.assertEqual(model.head.weight.shape, (3, 32))
+        self.assertEqual(model.head.weight.abs().sum().item(), 0.0)
+        model.set_image_size(24)
+        self.assertEqual(model.pos_embed.shape, (1, 1 + 36, 32))
+        self.assertEqual(model(torch.randn(2, 3, 24, 24)).shape, (2, 3))
+
+    def test_pretrained_from_the_torch_hub_cache(self):
+        self.put_stand_in_weights()
+        out = os.path.join(self.tmp.name, "ft.pt")
+        code, log = run_train(*self.SMALL, "--pretrained", "vit_b_16", "--weights", "IMAGENET1K_V1",
+                              "--image-size", 32, "--out", out)
+        self.assertEqual(code, 0, log)
+        self.assertIn("vit_b_16 (IMAGENET1K_V1), fine-tuned", log)
+        self.assertIn("sgd peak lr 1.00e-02", log)
+        ckpt = torch.load(out, weights_only=True)
+        self.assertEqual(ckpt["config"]["image_size"], 32)
+        self.assertEqual(ckpt["model"]["pos_embed"].shape, (1, 1 + 4, 48))   # 14x14 grid -> 2x2
+        self.assertEqual(ckpt["model"]["head.weight"].shape, (10, 48))        # 1000 classes -> 10
+        self.assertEqual(ckpt["data"]["mean"], (0.485, 0.456, 0.406))          # the weights' normalisation
+        # visualize.py draws attention maps of the fine-tuned model like of any other
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(visualize.main(["--ckpt", out, "--only", "attention", "--num-images", "2"]), 0)
+        self.assertTrue(os.path.isfile(os.path.join(self.tmp.name, "ft_vis", "attention.png")))
+
+    def test_head_only_trains_only_the_head(self):
+        self.put_stand_in_weights()
+        out = os.path.join(self.tmp.name, "probe.pt")
+        code, log = run_train(*self.SMALL, "--pretrained", "vit_b_16", "--weights", "IMAGENET1K_V1",
+                              "--image-size", 32, "--head-only", "--out", out)
+        self.assertEqual(code, 0, log)
+        self.assertIn("(0.00M trained)", log)
+        state = torch.load(out, weights_only=True)["model"]
+        stand_in = torch.load(os.path.join(self.tmp.name, "hub", "checkpoints", "vit_b_16-c867db91.pth"),
+                              weights_only=True)
+        torch.testing.assert_close(state["blocks.0.attn.qkv.weight"],
+                                   stand_in["encoder.layers.encoder_layer_0.self_attention.in_proj_weight"],
+                                   rtol=0, atol=0)
+        self.assertGreater(state["head.weight"].abs().sum().item(), 0)
+
+    def test_missing_weights_offline_is_one_sentence(self):
+        def offline(*args, **kwargs):
+            raise OSError("Name or service not known")
+        real = torch.hub.download_url_to_file
+        torch.hub.download_url_to_file = offline
+        try:
+            code, log = run_train(*self.SMALL, "--pretrained", "vit_b_16", "--out",
+                                  os.path.join(self.tmp.name, "m.pt"))
+        finally:
+            torch.hub.download_url_to_file = real
+        self.assertEqual(code, 1, log)
+        self.assertIn("not in the torch hub cache", log)
+        self.assertIn("https://download.pytorch.org/models/vit_b_16-c867db91.pth", log)
+        self.assertNotIn("Traceback", log)
+        code, log = run_train(*self.SMALL, "--pretrained", "vit_b_16", "--weights", "NOPE")
+        self.assertEqual(code, 2)
+        self.assertIn("--weights NOPE is not one of vit_b_16's: IMAGENET1K_V1", log)
+        code, log = run_train(*self.SMALL, "--pretrained", "vit_b_16", "--dim", 64)
+        self.assertEqual(code, 2)
+        self.assertIn("can't be changed when fine-tuning", log)
+
+    def test_own_checkpoint_at_a_new_image_size(self):
+        small = os.path.join(self.tmp.name, "small.pt")
+        args = (*self.SMALL, "--dim", 32, "--depth", 2, "--heads", 2, "--image-size", 16)
+        self.assertEqual(run_train(*args, "--out", small)[0], 0)
+        code, log = run_train("--eval-only", "--ckpt", small, "--image-size", 24)
+        self.assertEqual(code, 0, log)
+        self.assertIn("at 24x24", log)
+        big = os.path.join(self.tmp.name, "big.pt")
+        code, log = run_train(*self.SMALL, "--pretrained", small, "--image-size", 24, "--out", big)
+        self.assertEqual(code, 0, log)
+        self.assertEqual(torch.load(big, weights_only=True)["model"]["pos_embed"].shape, (1, 37, 32))
+
+    def test_grad_accum_gives_the_same_training(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            common = (*self.SMALL, "--dim", 32, "--depth", 2, "--heads", 2, "--crop-padding", 0, "--no-flip")
+            self.assertEqual(run_train(*common, "--out", f"{tmp}/a.pt")[0], 0)
+            code, log = run_train(*common, "--grad-accum", 5, "--out", f"{tmp}/b.pt")
+            self.assertEqual(code, 0, log)
+            self.assertIn("global batch 50 in 5 parts", log)
+            a, b = torch.load(f"{tmp}/a.pt", weights_only=True), torch.load(f"{tmp}/b.pt", weights_only=True)
+            self.assertEqual(a["step"], b["step"])
+            for k, v in a["model"].items():
+                torch.testing.assert_close(b["model"][k], v, atol=2e-5, rtol=1e-4)
+
+
+class TestVisualize(unittest.TestCase):
+    def test_rollout(self):
+        torch.manual_seed(0)
+        maps = [torch.rand(2, 3, 5, 5).softmax(-1) for _ in range(3)]
+        r = visualize.rollout(maps)
+        torch.testing.assert_close(r.sum(-1), torch.ones(2, 5))          # rows sum to 1
+        # depth 1: the rollout is that layer's map, heads averaged, with the residual identity added
+        one = visualize.rollout(maps[:1])
+        expected = (maps[0].mean(1) + torch.eye(5)) / 2
+        torch.testing.assert_close(one, expected)
+        # depth 2: the product of the per-layer maps, later layer on the left
+        two = visualize.rollout(maps[:2])
+        second = (maps[1].mean(1) + torch.eye(5)) / 2
+        torch.testing.assert_close(two, second @ expected)
+        kept = visualize.rollout(maps, "max", discard_ratio=0.4)
+        torch.testing.assert_close(kept.sum(-1), torch.ones(2, 5))
+
+    def test_mean_attention_distance(self):
+        grid, n = (2, 2), 5                                               # 4 patches + class token
+        self_only = torch.eye(n).expand(1, 2, n, n)
+        self.assertEqual(visualize.mean_attention_distance(self_only, grid, 4).tolist(), [0.0, 0.0])
+        uniform = torch.full((1, 1, n, n), 1 / n)
+        # on a 2x2 grid a patch is 0, 1, 1 and sqrt(2) patches from the four patches
+        expected = 4 * (0 + 1 + 1 + math.sqrt(2)) / 4
+        self.assertAlmostEqual(visualize.mean_attention_distance(uniform, grid, 4).item(), expected, places=5)
+
+    def test_position_similarity_with_itself_is_one(self):
+        sim = visualize.position_similarity(torch.randn(1, 1 + 6, 8), (2, 3))
+        self.assertEqual(sim.shape, (2, 3, 2, 3))
+        for i in range(2):
+            for j in range(3):
+                self.assertAlmostEqual(sim[i, j, i, j].item(), 1.0, places=5)
+
+    def test_every_picture_from_a_short_run(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "m.pt")
+            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
+                                  "--depth", 2, "--heads", 2, "--out", ckpt)
+            self.assertEqual(code, 0, log)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--num-images", "4"]), 0)
+            folder = os.path.join(tmp, "m_vis")
+            expected = {"attention.png": (150 + 4 * 98 + 2, 40 + 4 * 98 + 2),   # image, mean, 2 heads; 4 rows
+                        "rollout.png": (150 + 3 * 98 + 2, 22 + 18 + 4 * 98 + 2),
+                        "figure7_filters.png": None, "figure7_position_similarity.png": None,
+                        "figure7_attention_distance.png": (520, 360), "curves.png": (1040, 360),
+                        "predictions.png": None, "confusion.png": None, "cls_embeddings.png": (560, 460),
+                        "token_norms.png": None, "attention_layers.gif": None, "augmentation.png": None}
+            self.assertEqual(sorted(os.listdir(folder)), sorted(expected))
+            for name, size in expected.items():
+                with Image.open(os.path.join(folder, name)) as im:
+                    im.verify()                                   # a valid, complete image file
+                with Image.open(os.path.join(folder, name)) as im:
+                    self.assertEqual(im.format, "GIF" if name.endswith(".gif") else "PNG")
+                    if size:
+                        self.assertEqual(im.size, size, name)
+                    self.assertGreater(min(im.size), 40)
+                self.assertIn(os.path.join(folder, name), out.getvalue())
+
+    def test_own_images_of_any_mode(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "m.pt")
+            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
+                                  "--depth", 2, "--heads", 2, "--pool", "mean", "--out", ckpt)
+            self.assertEqual(code, 0, log)
+            paths = []
+            for mode, size in (("L", (40, 30)), ("P", (20, 20)), ("RGBA", (64, 64)), ("CMYK", (33, 17)),
+                               ("I;16", (25, 25))):
+                p = os.path.join(tmp, f"{mode.replace(';', '')}.{'jpg' if mode == 'CMYK' else 'png'}")
+                Image.new(mode, size).save(p)
+                paths.append(p)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                code = visualize.main(["--ckpt", ckpt, "--images", *paths, "--only", "attention,rollout,blocks"])
+            self.assertEqual(code, 0)
+            self.assertIn("no class token", out.getvalue())
+            with Image.open(os.path.join(tmp, "m_vis", "attention.png")) as im:
+                self.assertEqual(im.size[1], 40 + 5 * 98 + 2)               # one row per image
+            not_image = os.path.join(tmp, "x.png")
+            with open(not_image, "w") as f:
+                f.write("hello")
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", not_image]), 1)
+            self.assertIn("is not an image", err.getvalue())
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 
     python train.py --epochs 10 --batch-size 32                    # CIFAR-10, the small CPU model
     python train.py --dataset folder --data-dir data/cifar10-jpeg  # any train/ + test/ image tree
+    python train.py --pretrained vit_b_16 --epochs 3               # fine-tune torchvision's weights
+    python train.py --resume model.pt                              # continue a stopped run
     python train.py --eval-only --ckpt model.pt                    # loss and accuracy of a checkpoint
     torchrun --nproc_per_node=4 train.py ...                       # several GPUs (or CPU processes)
 
-The loop is the paper's recipe for training from scratch (Sec. 4.1 and Appendix B.1) scaled down to
+From scratch, the loop is the paper's pre-training recipe (Sec. 4.1, Appendix B.1) scaled down to
 CIFAR: AdamW, linear warmup then cosine decay of the learning rate, updated every step; label
-smoothing; gradient clipping at global norm 1. Each epoch writes `model.pt` (everything needed to
-rebuild the model or to continue training) and appends one JSON line to `model.metrics.jsonl`.
+smoothing; gradient clipping at global norm 1. Fine-tuning (--pretrained) follows the paper's
+fine-tuning recipe instead (SGD with momentum, Table 4). Each epoch writes `model.pt` (everything
+needed to rebuild the model or to continue training), keeps the best one as `model.best.pt`, and
+appends one JSON line to `model.metrics.jsonl`. Ctrl-C saves and tells how to resume.
 
 Letters in shape comments: B batch, C channels, H/W image size, K classes.
 """
@@ -17,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -28,7 +33,18 @@ import torch.nn.functional as F
 
 import data as datasets
 from data import DataError
+import vit
 from vit import MODELS, ViT, ViTConfig, build_model, num_params
+
+TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
+
+# Defaults that depend on the mode. From scratch: AdamW, as the paper pre-trains (Sec. 4.1).
+# Fine-tuning pretrained weights: the paper's recipe (Sec. 4.1, Table 4, Appendix B.1.1): SGD with
+# momentum 0.9, no weight decay, a short warmup, cosine decay, clipping at global norm 1.
+MODE_DEFAULTS = {
+    "scratch": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1),
+    "finetune": dict(optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_epochs=0.2, label_smoothing=0.0),
+}
 
 
 def get_parser():
@@ -64,16 +80,27 @@ def get_parser():
     # optimisation
     a("--epochs", type=int, default=10, help="passes over the training set (default: 10)")
     a("--batch-size", type=int, default=128, help="images per step, over all processes (default: 128)")
-    a("--lr", type=float, default=None, help="peak learning rate (default: 1e-3 * sqrt(batch/256): "
-      "Adam's step size scales roughly with the square root of the batch size)")
+    a("--optimizer", choices=["adamw", "sgd"], help="adamw (from scratch) or sgd with momentum 0.9 "
+      "(fine-tuning) (default: by mode)")
+    a("--lr", type=float, help="peak learning rate (default: 1e-3 from scratch, 0.01 fine-tuning)")
     a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine (default: 1e-5)")
-    a("--warmup-epochs", type=float, default=1.0, help="epochs of linear warmup (default: 1)")
-    a("--weight-decay", type=float, default=0.05, help="AdamW weight decay on matrices; norms, "
-      "biases and embeddings get none (default: 0.05)")
-    a("--label-smoothing", type=float, default=0.1, help="weight moved from the true class to the "
-      "others in the loss target (default: 0.1)")
+    a("--warmup-epochs", type=float, help="epochs of linear warmup (default: 1 from scratch, 0.2 "
+      "fine-tuning)")
+    a("--weight-decay", type=float, help="weight decay on matrices; norms, biases and embeddings get "
+      "none (default: 0.05 from scratch, 0 fine-tuning)")
+    a("--label-smoothing", type=float, help="weight moved from the true class to the others in the "
+      "loss target (default: 0.1 from scratch, 0 fine-tuning)")
+    a("--grad-accum", type=int, default=1, help="split each batch into this many smaller ones whose "
+      "gradients add up: the same training in less memory (default: 1)")
     a("--grad-clip", type=float, default=1.0, help="clip the gradients' global norm to this; 0 turns "
       "it off (default: 1)")
+    # fine-tuning
+    a("--pretrained", metavar="NAME|CKPT", help=f"fine-tune instead of training from scratch, from "
+      f"torchvision's ImageNet weights ({', '.join(TORCHVISION_VITS)}) or from a checkpoint of ours; "
+      f"inputs are resized to the model's --image-size (default: the weights')")
+    a("--weights", default="DEFAULT", help="which of torchvision's weights for --pretrained, e.g. "
+      "IMAGENET1K_V1, IMAGENET1K_SWAG_E2E_V1 (default: DEFAULT, torchvision's choice)")
+    a("--head-only", action="store_true", help="train only the new head, the rest frozen (a linear probe)")
     # system
     a("--device", default="auto", help="cuda, mps, cpu or e.g. cuda:1 (default: auto, the first of "
       "cuda, mps, cpu that is there)")
@@ -85,7 +112,10 @@ def get_parser():
     a("--seed", type=int, default=0, help="random seed (default: 0)")
     a("--out", default="model.pt", help="checkpoint written every epoch (default: model.pt); the "
       "metrics log goes next to it as <name>.metrics.jsonl")
-    a("--resume", metavar="CKPT", help="continue the run saved in this checkpoint")
+    a("--resume", metavar="CKPT", help="continue the run saved in this checkpoint, with its settings "
+      "(flags you give override them; the model's shape can't change)")
+    a("--patience", type=int, default=0, help="stop when the evaluation accuracy has not improved for "
+      "this many epochs; 0 never stops early (default: 0)")
     a("--eval-only", action="store_true", help="evaluate --ckpt on the test set and exit")
     a("--ckpt", help="checkpoint to evaluate with --eval-only")
     return p
@@ -143,15 +173,46 @@ def load_weights(model, state_dict, source="checkpoint"):
     model.load_state_dict(clean)
 
 
-def model_from_checkpoint(ckpt):
-    """Rebuild the trained ViT from a checkpoint dict alone."""
+def model_from_checkpoint(ckpt, **overrides):
+    """Rebuild the trained ViT from a checkpoint dict alone (overrides: fields without weights)."""
     try:
-        cfg = ViTConfig(**ckpt["config"])
+        cfg = ViTConfig(**{**ckpt["config"], **overrides})
     except TypeError as e:
         raise CheckpointError(f"the checkpoint's config does not fit this vit.py ({e})") from None
     model = ViT(cfg)
     load_weights(model, ckpt["model"])
     return model
+
+
+def load_pretrained(name, weights_name, overrides):
+    """(model, (mean, std)): torchvision's pretrained ViT `name`, or the model in our checkpoint `name`,
+    with the normalisation it was trained with, which the new data must be given too."""
+    if name not in TORCHVISION_VITS:
+        if not os.path.isfile(name):
+            raise ValueError(f"--pretrained {name} is neither one of torchvision's ViTs "
+                             f"({', '.join(TORCHVISION_VITS)}) nor a checkpoint file")
+        ckpt = load_checkpoint(name)
+        return model_from_checkpoint(ckpt, **overrides), (ckpt["data"]["mean"], ckpt["data"]["std"])
+    from torchvision.models import get_model_weights
+    enum = get_model_weights(name)
+    if weights_name not in enum.__members__:
+        raise ValueError(f"--weights {weights_name} is not one of {name}'s: {', '.join(enum.__members__)}")
+    weights = enum[weights_name]
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    had_file = os.path.isfile(cached)
+    try:
+        # torchvision's own download and cache ($TORCH_HOME/hub/checkpoints): fetched once, then reused.
+        state = weights.get_state_dict(progress=True)
+    except Exception as e:
+        if had_file:
+            raise DataError(f"{cached} is in the torch hub cache but could not be read ({e}); delete it "
+                            f"and run again to download it anew") from None
+        raise DataError(f"the {name} weights {weights.name} are not in the torch hub cache ({cached}) "
+                        f"and could not be downloaded from {weights.url} ({type(e).__name__}); download "
+                        f"that file on a machine with internet and copy it to {cached}") from None
+    model = vit.from_torchvision_state_dict(state, MODELS[name]["heads"], **overrides)
+    t = weights.transforms()            # the normalisation the weights were trained with
+    return model, (tuple(t.mean), tuple(t.std))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,8 +273,8 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model, lr, weight_decay, device):
-    """AdamW with weight decay on weight matrices only.
+def make_optimizer(model, lr, weight_decay, device, name="adamw"):
+    """AdamW (or SGD with momentum) with weight decay on weight matrices only.
 
     Decay pulls a weight towards 0. That regularises matrices, but a LayerNorm gain pulled to 0 or a
     position embedding shrunk towards 0 only loses information, so vectors (norms, biases) and the
@@ -227,6 +288,8 @@ def make_optimizer(model, lr, weight_decay, device):
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel updates all parameters in a few launches instead of several per tensor.
     fused = device.type in ("cuda", "cpu")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
@@ -257,43 +320,134 @@ class Progress:
 
 
 # --------------------------------------------------------------------------------------------------
+# Stopping safely, and starting again part-way into an epoch
+
+
+class StopRequest:
+    """Signal handler for Ctrl-C (SIGINT) and SIGTERM (what schedulers and `kill` send).
+
+    The first signal only sets a flag: the loop finishes the step it is in, saves a checkpoint and
+    exits, so no work is lost. A second Ctrl-C raises KeyboardInterrupt and quits at once.
+    """
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: finishing this step, then saving a checkpoint (Ctrl-C again quits at "
+              f"once, losing the current epoch)", file=sys.stderr, flush=True)
+
+    def install(self):
+        """Returns the handlers it replaced, to put back with restore()."""
+        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def restore(previous):
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """A DistributedSampler that can skip the first `skip` samples of its epoch's order.
+
+    The order of an epoch depends only on the seed and the epoch number, so a run stopped after k
+    batches of an epoch continues with exactly the batches it had not seen yet.
+    """
+
+    skip = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------------------------------
 # One epoch of training, and evaluation
 
 
-def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx):
-    """Train for one pass over `loader`; returns (step, mean loss, accuracy, images)."""
+def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=None):
+    """Train for one pass over `loader`, or until a stop is requested.
+
+    `sums` holds this process's running (loss sum, correct, images) of the epoch: zeros for a new
+    epoch, the saved values when resuming one that was interrupted. Returns (step, sums, stopped).
+    With --grad-accum K each optimizer step adds up the gradients of K smaller batches from the loader.
+    """
     model.train()
-    device = ctx["device"]
-    loss_sum = torch.zeros((), device=device)     # summed on the device: a .item() per step would make
-    correct = torch.zeros((), device=device)      # the CPU wait for the GPU after every step
-    seen = 0
-    progress = Progress(len(loader), ctx["prefix"], ctx["rank"] == 0)
+    device, accum = ctx["device"], ctx["grad_accum"]
+    # Summed on the device: a .item() per step would make the CPU wait for the GPU after every step.
+    sums = torch.zeros(3, device=device) if sums is None else sums.to(device)
+    progress = Progress(len(loader) // accum, ctx["prefix"], ctx["rank"] == 0)
+    optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(loader):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, **sched)
+        if i == len(loader) // accum * accum:
+            break                                 # a few batches short of a whole step: skip them
+        last = (i + 1) % accum == 0               # the last part of this optimizer step
         images = images.to(device, non_blocking=True)                     # (B, C, H, W) uint8
         labels = labels.to(device, non_blocking=True)                     # (B,)
-        x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["image_size"])   # (B, C, H, W) float
-        with ctx["autocast"]():
-            logits = model(x)                                             # (B, K)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=ctx["label_smoothing"])
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["input_size"])   # (B, C, H, W) float
+        # DDP averages gradients over processes in backward(); between the parts of one step there
+        # is nothing to average yet, so no_sync() skips that communication.
+        sync = nullcontext() if last or ctx["world"] == 1 else model.no_sync()
+        with sync:
+            with ctx["autocast"]():
+                logits = model(x)                                         # (B, K)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=ctx["label_smoothing"])
+            scaler.scale(loss / accum).backward()
+        n = len(labels)
+        sums[0] += loss.detach() * n
+        sums[1] += (logits.argmax(1) == labels).sum()
+        sums[2] += n
+        if not last:
+            continue
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, **sched)
         if ctx["grad_clip"] > 0:
             scaler.unscale_(optimizer)            # clip the true gradients, not the fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(model.parameters(), ctx["grad_clip"])
         scaler.step(optimizer)
         scaler.update()
+        optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
-        progress.update(i + 1, lambda: f"loss {loss_sum.item() / seen:.3f} acc "
-                                       f"{100 * correct.item() / seen:5.1f}% "
-                                       f"{seen * ctx['world'] / (time.time() - progress.start):5.0f} img/s")
+        done = (i + 1) // accum
+        progress.update(done, lambda: f"loss {check_finite(sums[0].item(), step) / sums[2].item():.3f} "
+                                      f"acc {100 * sums[1].item() / sums[2].item():5.1f}% "
+                                      f"{(i + 1) * n * ctx['world'] / (time.time() - progress.start):5.0f} img/s")
+        if stop_requested(ctx, step):
+            break
     progress.close()
-    totals = reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)]))
-    return step, (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), int(totals[2].item())
+    return step, sums, ctx["stop"].signal is not None
+
+
+def check_finite(loss, step):
+    # Checked only where we read the loss anyway (progress line, end of epoch): reading it every step
+    # would make a GPU wait for each step to finish before the next one is queued.
+    if not math.isfinite(loss):
+        raise Diverged(f"the loss became {loss} by step {step}; training stopped and the last good "
+                       f"checkpoint was kept. Try a lower --lr, --grad-clip 1 or --precision fp32")
+    return loss
+
+
+def stop_requested(ctx, step):
+    """Has Ctrl-C/SIGTERM arrived? With several processes all must agree, or DDP would hang waiting
+    for a process that left; they compare notes every 10 steps."""
+    flag = ctx["stop"].signal is not None
+    if ctx["world"] == 1:
+        return flag
+    if step % 10:
+        return False
+    t = reduce_sum(torch.tensor(float(flag), device=ctx["device"]))
+    if t.item() > 0 and ctx["stop"].signal is None:
+        ctx["stop"].signal = "SIGTERM"
+    return t.item() > 0
 
 
 @torch.no_grad()
@@ -306,7 +460,7 @@ def evaluate(model, split, ctx, batch_size=500):
     for s in starts:
         images = split.images[s:s + batch_size].to(device, non_blocking=True)
         labels = split.labels[s:s + batch_size].to(device, non_blocking=True)
-        x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["image_size"])
+        x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["input_size"])
         with ctx["autocast"]():
             logits = model(x)                                              # (B, K)
         # Plain cross-entropy, without label smoothing: the number people compare across papers.
@@ -336,6 +490,9 @@ def main(argv=None):
         # errors (exit 2); a problem found while running (data, checkpoints) exits 1.
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -352,54 +509,85 @@ def run(args):
     say = print if is_main else (lambda *a, **k: None)
 
     resume = load_checkpoint(args.resume) if args.resume else None
-    saved = resume["args"] if resume else {}
-    dataset = args.dataset or saved.get("dataset", "cifar10")
-    data_dir = args.data_dir or saved.get("data_dir", "./data")
-
-    # The model: a named shape, any field overridden by a flag; on --resume, the checkpoint's.
     if resume:
-        cfg = ViTConfig(**resume["config"])
-    else:
-        overrides = dict(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim,
-                         depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio, pool=args.pool,
-                         dropout=args.dropout, drop_path=args.drop_path)
-        cfg = build_model_config(args.model, overrides)
-    if args.batch_size <= 0 or args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be positive and divisible by the "
-                         f"{world} processes (it is the global batch)")
-    if args.epochs <= 0:
-        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+        args = resumed_args(args, resume, say)
+    mode = "finetune" if args.pretrained else "scratch"
+    for k, v in MODE_DEFAULTS[mode].items():      # flags left unset take the mode's default
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    dataset = args.dataset or "cifar10"
+    data_dir = args.data_dir or "./data"
+    check_args(args, world)
     check_writable(args.out)
 
-    torch.manual_seed(args.seed)
+    # The model: a named shape with any field overridden by a flag; pretrained weights; or, on
+    # --resume, the checkpoint's. The head is sized for the data's classes once they are known.
+    shape = dict(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
+                 heads=args.heads, mlp_ratio=args.mlp_ratio, pool=args.pool)
+    regularisation = {k: v for k, v in dict(dropout=args.dropout, drop_path=args.drop_path).items()
+                      if v is not None}
+    torch.manual_seed(args.seed)           # the same initial weights in every process
+    norm = None                            # the pretrained weights' normalisation, if any
+    if resume:
+        model = model_from_checkpoint(resume)
+        differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(model.cfg, k)})"
+                  for k, v in {**shape, **regularisation}.items() if v is not None and v != getattr(model.cfg, k)]
+        if differ:
+            raise CheckpointError(f"{args.resume} holds a different model than asked for: "
+                                  f"{', '.join(differ)}; drop those flags to resume it")
+        norm = resume["data"]["mean"], resume["data"]["std"]
+    elif args.pretrained:
+        fixed = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None and k != "image_size"]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} can't be changed when fine-tuning: the shape comes "
+                             f"with the pretrained weights (only --image-size can, by interpolating "
+                             f"the position embeddings)")
+        model, norm = load_pretrained(args.pretrained, args.weights, regularisation)
+        if args.image_size and args.image_size != model.cfg.image_size:
+            model.set_image_size(args.image_size)
+    else:
+        model = ViT(build_model_config(args.model, {**shape, **regularisation}))
+    cfg = model.cfg
+
     data = datasets.load_data(dataset, data_dir, cfg.image_size, args.val_split, args.seed)
-    if cfg.num_classes != len(data.classes):
+    if cfg.num_classes != len(data.classes) or (args.pretrained and not resume):
         if resume:
             raise CheckpointError(f"the checkpoint has {cfg.num_classes} classes but {dataset} has "
                                   f"{len(data.classes)}")
-        cfg.num_classes = len(data.classes)
-    model = ViT(cfg).to(device)
-    if resume:
-        load_weights(model, resume["model"])
+        if args.pretrained:
+            model.reset_head(len(data.classes))   # a new zero head, as the paper fine-tunes
+        else:
+            cfg.num_classes = len(data.classes)
+            model = ViT(cfg)
+    if args.head_only:                       # a linear probe: only the new head learns
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    model = model.to(device)
+    mean, std = norm or (data.mean, data.std)
+    torch.manual_seed(args.seed + 1000 * rank)   # but each process its own augmentation and dropout
 
-    lr = args.lr if args.lr is not None else 1e-3 * math.sqrt(args.batch_size / 256)
+    lr = args.lr
     steps_per_epoch = len(data.train) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"the training set has {len(data.train)} images, fewer than one batch of "
                         f"{args.batch_size}; lower --batch-size")
-    sched = dict(total_steps=args.epochs * steps_per_epoch, lr=lr, min_lr=args.min_lr,
+    sched = dict(total_steps=args.epochs * steps_per_epoch, lr=lr, min_lr=min(args.min_lr, lr),
                  warmup_steps=round(args.warmup_epochs * steps_per_epoch))
-    optimizer = make_optimizer(model, lr, args.weight_decay, device)
+    optimizer = make_optimizer(model, lr, args.weight_decay, device, args.optimizer)
     amp_dtype = pick_precision(args.precision, device)
     # Loss scaling keeps small fp16 gradients from rounding to zero; bf16 has fp32's range, needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, step, history = 0, 0, []
+    step, history = 0, []
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        start_epoch, step, history = resume["epoch"], resume["step"], resume["metrics"]
+        step, history = resume["step"], resume["metrics"]
         torch.set_rng_state(resume["rng"]["cpu"])
-        say(f"resuming {args.resume} after epoch {start_epoch}, step {step}")
+        if device.type == "cuda" and "cuda" in resume["rng"]:
+            torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+        say(f"resuming {args.resume} at step {step} (epoch {step // steps_per_epoch + 1}, batch "
+            f"{step % steps_per_epoch + 1} of {steps_per_epoch})")
+    start_epoch = step // steps_per_epoch
 
     # torch.compile and DDP wrap the model; `model` itself stays unwrapped, and is what we save.
     train_model = torch.compile(model) if args.compile else model
@@ -408,66 +596,157 @@ def run(args):
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
-    transform = datasets.train_transform(cfg.image_size, args.crop_padding, not args.no_flip)
+    stored_size = tuple(data.train.images.shape[-2:])     # augment at the stored size, resize later
+    transform = datasets.train_transform(stored_size, args.crop_padding, not args.no_flip)
     train_set = datasets.ImageDataset(data.train, transform)
     # A DistributedSampler with one replica is a plain seeded shuffle, so one code path serves a single
     # process and torchrun alike; set_epoch() gives every epoch (and a resumed one) its own order.
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
-                                                  shuffle=True, seed=args.seed, drop_last=True)
+    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
+                               drop_last=True)
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size // world, sampler=sampler, drop_last=True,
-        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+        train_set, batch_size=args.batch_size // world // args.grad_accum, sampler=sampler, drop_last=True,
+        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        # Its own generator (for worker seeds), so that starting an epoch draws nothing from the global
+        # random stream that augmentation and dropout use: a resumed run then replays it exactly.
+        generator=torch.Generator().manual_seed(args.seed))
 
     eval_name, eval_split = ("val", data.val) if data.val is not None else ("test", data.test)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    ctx = dict(device=device, rank=rank, world=world, mean=data.mean, std=data.std,
-               image_size=cfg.image_size, autocast=autocast, label_smoothing=args.label_smoothing,
-               grad_clip=args.grad_clip, prefix="")
+    ctx = dict(device=device, rank=rank, world=world, mean=mean, std=std, input_size=cfg.input_size,
+               autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
+               grad_accum=args.grad_accum, prefix="", stop=StopRequest())
 
-    say(f"model {args.model}: {num_params(model) / 1e6:.2f}M parameters, {asdict(cfg)}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    origin = f"{args.pretrained} ({args.weights}), fine-tuned" if args.pretrained else args.model
+    say(f"model {origin}: {num_params(model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
+        f"{asdict(cfg)}")
     say(f"data {dataset}: {len(data.train)} train, {len(data.val) if data.val else 0} val, "
         f"{len(data.test)} test images, {len(data.classes)} classes; evaluating on {eval_name}")
     say(f"device {device}, precision {amp_dtype or 'fp32'}, {world} process(es), global batch "
-        f"{args.batch_size}, {steps_per_epoch} steps/epoch, peak lr {lr:.2e}, "
+        f"{args.batch_size}{f' in {args.grad_accum} parts' if args.grad_accum > 1 else ''}, "
+        f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {lr:.2e}, "
         f"{workers} loader workers{', compiled' if args.compile else ''}")
 
-    metrics_path = os.path.splitext(args.out)[0] + ".metrics.jsonl"
+    stem = os.path.splitext(args.out)[0]
+    metrics_path, best_path = stem + ".metrics.jsonl", stem + ".best.pt"
     if is_main and not resume:
         open(metrics_path, "w").close()       # a new run starts a new log
-    run_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        ctx["prefix"] = f"epoch {epoch + 1}/{args.epochs}"
-        t0 = time.time()
-        step, train_loss, train_acc, n = train_one_epoch(train_model, loader, optimizer, scaler, step,
-                                                         sched, ctx)
-        train_time = time.time() - t0
-        eval_loss, eval_acc = evaluate(train_model, eval_split, ctx)
-        record = dict(epoch=epoch + 1, step=step, train_loss=round(train_loss, 4),
-                      train_acc=round(train_acc, 4), eval_split=eval_name,
-                      eval_loss=round(eval_loss, 4), eval_acc=round(eval_acc, 4),
-                      lr=lr_at(step - 1, **sched), images_per_s=round(n / train_time, 1),
-                      epoch_s=round(time.time() - t0, 1), elapsed_s=round(time.time() - run_start, 1))
-        history.append(record)
-        say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc {100 * train_acc:5.2f}%  "
-            f"{eval_name} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  lr {record['lr']:.2e}  "
-            f"{record['images_per_s']:.0f} img/s  {format_time(record['elapsed_s'])}")
-        if is_main:
-            save_checkpoint(dict(
-                config=asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), epoch=epoch + 1, step=step, metrics=history,
-                rng=dict(cpu=torch.get_rng_state()),
-                args=dict(vars(args), dataset=dataset, data_dir=data_dir, lr=lr),
-                data=dict(dataset=dataset, classes=data.classes, mean=data.mean, std=data.std),
-            ), args.out)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
+    def checkpoint():
+        rng = dict(cpu=torch.get_rng_state())
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        return dict(config=asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
+                    metrics=history, rng=rng,
+                    args=dict(vars(args), dataset=dataset, data_dir=data_dir),
+                    data=dict(dataset=dataset, classes=data.classes, mean=mean, std=std))
+
+    previous_handlers = ctx["stop"].install()
+    try:
+        run_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
+        best_acc = max((h["eval_acc"] for h in history), default=-1.0)
+        best_epoch = max((h["epoch"] for h in history if h["eval_acc"] == best_acc), default=0)
+        partial = resume.get("partial_epoch") if resume else None   # sums of an interrupted epoch
+        for epoch in range(start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            sampler.skip = (step - epoch * steps_per_epoch) * (args.batch_size // world)
+            ctx["prefix"] = f"epoch {epoch + 1}/{args.epochs}"
+            t0 = time.time()
+            step, sums, stopped = train_one_epoch(train_model, loader, optimizer, scaler, step, sched,
+                                                  ctx, partial)
+            partial = None
+            if step < (epoch + 1) * steps_per_epoch:     # stopped part-way into the epoch
+                if is_main:
+                    save_checkpoint(dict(checkpoint(), partial_epoch=sums.cpu()), args.out)
+                return stopped_by(ctx, step, args.out, say)
+            train_time = time.time() - t0
+            totals = reduce_sum(sums.clone())            # (loss sum, correct, images) over processes
+            train_loss, train_acc, n = check_finite(totals[0].item(), step) / totals[2].item(), \
+                totals[1].item() / totals[2].item(), int(totals[2].item())
+            eval_loss, eval_acc = evaluate(train_model, eval_split, ctx)
+            record = dict(epoch=epoch + 1, step=step, train_loss=round(train_loss, 4),
+                          train_acc=round(train_acc, 4), eval_split=eval_name,
+                          eval_loss=round(eval_loss, 4), eval_acc=round(eval_acc, 4),
+                          lr=lr_at(step - 1, **sched), images_per_s=round(n / train_time, 1),
+                          epoch_s=round(time.time() - t0, 1), elapsed_s=round(time.time() - run_start, 1))
+            history.append(record)
+            say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc "
+                f"{100 * train_acc:5.2f}%  {eval_name} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
+                f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s  "
+                f"{format_time(record['elapsed_s'])}")
+            if is_main:
+                ckpt = checkpoint()
+                save_checkpoint(ckpt, args.out)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if eval_acc > best_acc:    # the best model so far is kept apart from the last
+                    save_checkpoint(ckpt, best_path)
+            if stopped:                                  # the signal came with the epoch's last step
+                return stopped_by(ctx, step, args.out, say)
+            if eval_acc > best_acc:
+                best_acc, best_epoch = eval_acc, epoch + 1
+            elif args.patience and epoch + 1 - best_epoch >= args.patience:
+                say(f"no better {eval_name} accuracy for {args.patience} epochs: stopping early")
+                break
+    finally:
+        StopRequest.restore(previous_handlers)
+
+    if world > 1:
+        say(check_same_weights(model, world))
     if data.val is not None:   # the test set, reported once at the end, never looked at before
         test_loss, test_acc = evaluate(train_model, data.test, ctx)
         say(f"test loss {test_loss:.4f}  test accuracy {100 * test_acc:.2f}%")
-    say(f"saved {args.out} and {metrics_path} ({format_time(time.time() - run_start)} in all)")
+    say(f"saved {args.out}, {best_path} (best {eval_name} accuracy {100 * best_acc:.2f}%, epoch "
+        f"{best_epoch}) and {metrics_path} ({format_time(time.time() - run_start)} in all)")
     return 0
+
+
+def stopped_by(ctx, step, out, say):
+    say(f"stopped by {ctx['stop'].signal} at step {step}; saved {out}. Continue with: "
+        f"python train.py --resume {out}")
+    return 128 + getattr(signal, ctx["stop"].signal)      # the shell's convention for "killed by"
+
+
+def resumed_args(args, ckpt, say):
+    """The saved run's settings, with the flags given on this command line on top."""
+    saved = ckpt.get("args", {})
+    defaults = vars(get_parser().parse_args([]))
+    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    changed = {k: v for k, v in given.items() if k in saved and saved[k] != v
+               and k not in ("resume", "out", "device", "workers")}
+    if changed:
+        say("changed on resume: " + ", ".join(f"{k}={v} (was {saved[k]})" for k, v in changed.items()))
+    merged = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **given}
+    return argparse.Namespace(**merged)
+
+
+def check_same_weights(model, world):
+    """DDP keeps the processes' weights equal by averaging gradients; check that it did."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    lo, hi = sums.clone(), sums.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if torch.equal(lo, hi):
+        return f"weights identical in all {world} processes"
+    return f"warning: weights differ between processes (by up to {(hi - lo).abs().max().item():.2e})"
+
+
+def check_args(args, world):
+    if args.batch_size <= 0 or args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must be positive and divisible by the "
+                         f"{world} processes (it is the global batch)")
+    if args.grad_accum <= 0 or (args.batch_size // world) % args.grad_accum:
+        raise ValueError(f"--grad-accum {args.grad_accum} must be positive and divide the batch of "
+                         f"each process ({args.batch_size // world})")
+    if args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    if args.lr < 0 or args.weight_decay < 0 or args.warmup_epochs < 0 or args.grad_clip < 0:
+        raise ValueError("--lr, --weight-decay, --warmup-epochs and --grad-clip can't be negative")
+    if not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.head_only and not args.pretrained and not args.resume:
+        raise ValueError("--head-only trains only the head of a pretrained model: add --pretrained")
 
 
 def build_model_config(name, overrides):
@@ -481,7 +760,10 @@ def run_eval_only(args):
         raise ValueError("--eval-only needs --ckpt PATH, the checkpoint to evaluate")
     ckpt = load_checkpoint(args.ckpt)
     device = pick_device(args.device)
-    model = model_from_checkpoint(ckpt).to(device)
+    model = model_from_checkpoint(ckpt)
+    if args.image_size and args.image_size != model.cfg.image_size:
+        model.set_image_size(args.image_size)    # evaluate at another resolution (Sec. 3.2)
+    model = model.to(device)
     cfg = model.cfg
     info = ckpt.get("data", {})
     dataset = args.dataset or info.get("dataset", "cifar10")
@@ -491,12 +773,13 @@ def run_eval_only(args):
         raise CheckpointError(f"{args.ckpt} predicts {cfg.num_classes} classes but {dataset} has "
                               f"{len(data.classes)}")
     amp_dtype = pick_precision(args.precision, device)
-    ctx = dict(device=device, rank=0, world=1, image_size=cfg.image_size,
+    ctx = dict(device=device, rank=0, world=1, input_size=cfg.input_size,
                mean=info.get("mean", data.mean), std=info.get("std", data.std),
                autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext)
     loss, acc = evaluate(model, data.test, ctx)
     print(f"{args.ckpt}: {num_params(model) / 1e6:.2f}M parameters, trained {ckpt.get('epoch', '?')} "
-          f"epochs on {info.get('dataset', '?')}; evaluated on {len(data.test)} {dataset} test images")
+          f"epochs on {info.get('dataset', '?')}; evaluated on {len(data.test)} {dataset} test images "
+          f"at {cfg.image_size}x{cfg.image_size}")
     print(f"test loss {loss:.4f}  test accuracy {100 * acc:.2f}%")
     return 0
 

@@ -29,6 +29,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms import v2
 from torchvision.utils import make_grid
 
 import data as datasets
@@ -265,7 +266,7 @@ class Visualizer:
 
     @torch.no_grad()
     def forward(self, images):
-        x = datasets.normalize(images.to(self.device), self.mean, self.std, None)
+        x = datasets.normalize(images.to(self.device), self.mean, self.std, self.cfg.input_size)
         logits, maps = self.model(x, return_attention=True)
         return logits.cpu(), [m.float().cpu() for m in maps]
 
@@ -412,7 +413,8 @@ class Visualizer:
     def cls_embeddings(self, images, labels):
         feats = []
         for s in range(0, len(images), 500):
-            x = datasets.normalize(images[s:s + 500].to(self.device), self.mean, self.std, None)
+            x = datasets.normalize(images[s:s + 500].to(self.device), self.mean, self.std,
+                                   self.cfg.input_size)
             t = self.model.embed(x)
             for block in self.model.blocks:
                 t, _ = block(t)
@@ -437,7 +439,8 @@ class Visualizer:
         L = self.cfg.depth
         layers = sorted({0, L // 2, L - 1})
         img = self.images[:1]
-        x = self.model.embed(datasets.normalize(img.to(self.device), self.mean, self.std, None))
+        x = self.model.embed(datasets.normalize(img.to(self.device), self.mean, self.std,
+                                                self.cfg.input_size))
         n = self.cfg.grid[0] * self.cfg.grid[1]
         norms = []
         for block in self.model.blocks:
@@ -530,10 +533,9 @@ def run(args):
     mean, std = info.get("mean") or data.mean, info.get("std") or data.std
 
     if args.images:
-        images = torch.stack([datasets.read_image(p, cfg.image_size) for p in args.images])
-        if cfg.image_height:
-            images = F.interpolate(images.float(), size=(cfg.image_height, cfg.image_size),
-                                   mode="bilinear").round().byte()
+        # Any size and mode in; RGB at the model's input size out (the model could take no other).
+        images = torch.stack([v2.functional.resize(datasets.read_image(p), list(cfg.input_size),
+                                                   antialias=True) for p in args.images])
         labels = None
     else:
         g = torch.Generator().manual_seed(args.seed)

@@ -70,6 +70,11 @@ class ViTConfig:
         return (self.image_height or self.image_size) // self.patch_size, self.image_size // self.patch_size
 
     @property
+    def input_size(self):
+        """(height, width) of the images the model takes."""
+        return self.image_height or self.image_size, self.image_size
+
+    @property
     def mlp_dim(self):
         return round(self.dim * self.mlp_ratio)
 
@@ -231,6 +236,24 @@ class ViT(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def set_image_size(self, image_size):
+        """Run at another resolution (Sec. 3.2): same patches, a bigger or smaller grid of them, the
+        learned position embeddings interpolated to the new grid."""
+        old_grid = self.cfg.grid
+        self.cfg.image_size, self.cfg.image_height = image_size, 0
+        self.cfg.__post_init__()
+        resized = resize_pos_embed(self.pos_embed.data, old_grid, self.cfg.grid, self.cls_token is not None)
+        self.pos_embed = nn.Parameter(resized)
+
+    def reset_head(self, num_classes):
+        """A new, zero-initialised head for num_classes (Sec. 3.2: "we remove the pre-trained prediction
+        head and attach a zero-initialized D x K feedforward layer"); the pre-logits layer goes too."""
+        self.cfg.num_classes, self.cfg.representation_size = num_classes, 0
+        self.pre_logits = nn.Identity()
+        self.head = nn.Linear(self.cfg.dim, num_classes).to(self.pos_embed.device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
     def embed(self, images):
         """Eq. 1: images (B, C, H, W) -> tokens (B, N, D) with position embeddings added."""
         x = self.patch_embed(images)                     # (B, D, G_h, G_w)
@@ -274,29 +297,37 @@ def num_params(model):
 
 
 def from_torchvision(tv_model, **overrides):
-    """Build our ViT from a torchvision.models.VisionTransformer of any shape, weights included.
+    """Build our ViT from a torchvision.models.VisionTransformer of any shape, weights included."""
+    heads = tv_model.encoder.layers[0].self_attention.num_heads
+    fields = dict(dropout=tv_model.dropout, attn_dropout=tv_model.attention_dropout, **overrides)
+    return from_torchvision_state_dict(tv_model.state_dict(), heads, **fields)
+
+
+def from_torchvision_state_dict(tv, heads, **overrides):
+    """Build our ViT from the state dict of a torchvision VisionTransformer (a model's, or a weights
+    file torchvision downloaded). The shape is read off the weights; only the head count is not in
+    them. `overrides` set config fields that hold no weights (dropouts, drop_path).
 
     Only names differ, so this is a dictionary of renames: torchvision's nn.MultiheadAttention keeps
     q, k, v stacked in one in_proj matrix exactly like our qkv Linear, and its MLP is Linear, GELU,
-    Dropout, Linear, Dropout, so "mlp.0" is our fc1 and "mlp.3" our fc2. `overrides` change config
-    fields that hold no weights (dropouts, drop_path).
+    Dropout, Linear, Dropout, so "mlp.0" (in older files "mlp.linear_1") is our fc1.
     """
-    enc = tv_model.encoder
-    layer0 = enc.layers[0]
+    dim, channels, patch, _ = tv["conv_proj.weight"].shape          # (D, C, P, P)
+    depth = sum(k.endswith(".ln_1.weight") for k in tv)
+    n_patches = tv["encoder.pos_embedding"].shape[1] - 1
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise ValueError(f"torchvision ViTs are square, but these weights have {n_patches} patches")
+    prefix0 = "encoder.layers.encoder_layer_0."
+    mlp_dim = tv.get(prefix0 + "mlp.0.weight", tv.get(prefix0 + "mlp.linear_1.weight")).shape[0]
     cfg = ViTConfig(
-        image_size=tv_model.image_size, patch_size=tv_model.patch_size,
-        in_channels=tv_model.conv_proj.in_channels, num_classes=tv_model.num_classes,
-        dim=tv_model.hidden_dim, depth=len(enc.layers), heads=layer0.self_attention.num_heads,
-        mlp_ratio=tv_model.mlp_dim / tv_model.hidden_dim, dropout=tv_model.dropout,
-        attn_dropout=tv_model.attention_dropout, qkv_bias=layer0.self_attention.in_proj_bias is not None,
-        representation_size=tv_model.representation_size or 0,
-    )
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    cfg.__post_init__()
+        image_size=side * patch, patch_size=patch, in_channels=channels,
+        num_classes=tv["heads.head.weight"].shape[0], dim=dim, depth=depth, heads=heads,
+        mlp_ratio=mlp_dim / dim, qkv_bias=prefix0 + "self_attention.in_proj_bias" in tv,
+        representation_size=tv["heads.pre_logits.weight"].shape[0] if "heads.pre_logits.weight" in tv else 0,
+        **overrides)
     model = ViT(cfg)
 
-    tv = tv_model.state_dict()
     ours = {
         "patch_embed.weight": tv["conv_proj.weight"], "patch_embed.bias": tv["conv_proj.bias"],
         "cls_token": tv["class_token"], "pos_embed": tv["encoder.pos_embedding"],
@@ -307,8 +338,9 @@ def from_torchvision(tv_model, **overrides):
         ours["pre_logits.0.weight"] = tv["heads.pre_logits.weight"]
         ours["pre_logits.0.bias"] = tv["heads.pre_logits.bias"]
     renames = {"ln_1": "norm1", "ln_2": "norm2", "self_attention.in_proj_": "attn.qkv.",
-               "self_attention.out_proj": "attn.proj", "mlp.0": "mlp.fc1", "mlp.3": "mlp.fc2"}
-    for i in range(cfg.depth):
+               "self_attention.out_proj": "attn.proj", "mlp.0": "mlp.fc1", "mlp.3": "mlp.fc2",
+               "mlp.linear_1": "mlp.fc1", "mlp.linear_2": "mlp.fc2"}
+    for i in range(depth):
         prefix = f"encoder.layers.encoder_layer_{i}."
         for key, value in tv.items():
             if key.startswith(prefix):
