@@ -141,12 +141,12 @@ def colormap(x):
     return ((1 - t) * stops[i] + t * stops[i + 1]).permute(2, 0, 1)
 
 
-def heat_tile(values, image=None, size=TILE):
+def heat_tile(values, image=None, size=TILE, mode="bilinear"):
     """A (G_h, G_w) map scaled to its own [min, max], upsampled, coloured, laid over an image."""
     v = values.float()
     v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
     h, w = size_of(values.shape, size)
-    v = F.interpolate(v[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    v = F.interpolate(v[None, None], size=(h, w), mode=mode)[0, 0]
     heat = colormap(v)                                         # (3, h, w)
     if image is None:
         return heat
@@ -194,19 +194,24 @@ def grid_picture(rows, row_labels=None, col_labels=None, title=None, label_color
 class Plot:
     """A minimal x-y chart drawn with PIL: axes, ticks, labelled series, a legend."""
 
-    def __init__(self, xs, ys, title, xlabel, ylabel, size=(520, 360)):
+    def __init__(self, xs, ys, title, xlabel, ylabel, size=(520, 360), y_from_zero=False):
         self.img = Image.new("RGB", size, "white")
         self.d = ImageDraw.Draw(self.img)
         self.x0, self.y0, self.x1, self.y1 = 60, 30, size[0] - 20, size[1] - 45
         self.xlim = self._limits(xs)
-        self.ylim = self._limits(ys)
+        self.ylim = self._limits(list(ys) + ([0.0] if y_from_zero else []))
+        if y_from_zero:
+            self.ylim = (0.0, self.ylim[1])
+        integer_x = all(float(x).is_integer() for x in xs)
         self.legend = []
         d, f = self.d, font(11)
         d.text((self.x0, 6), title, fill="black", font=font(14))
         d.rectangle([self.x0, self.y0, self.x1, self.y1], outline="black")
-        for k in range(6):
-            for axis, lim in (("x", self.xlim), ("y", self.ylim)):
-                v = lim[0] + (lim[1] - lim[0]) * k / 5
+        x_ticks = range(int(min(xs)), int(max(xs)) + 1, max(1, round((max(xs) - min(xs)) / 8))) \
+            if integer_x else [self.xlim[0] + (self.xlim[1] - self.xlim[0]) * k / 5 for k in range(6)]
+        y_ticks = [self.ylim[0] + (self.ylim[1] - self.ylim[0]) * k / 5 for k in range(6)]
+        for axis, ticks in (("x", x_ticks), ("y", y_ticks)):
+            for v in ticks:
                 label = f"{v:.3g}"
                 if axis == "x":
                     x = self.px(v, self.ylim[0])[0]
@@ -218,7 +223,7 @@ class Plot:
                     d.line([self.x0 + 1, y, self.x1 - 1, y], fill=(230, 230, 230))
                     d.text((4, y - 6), label, fill="black", font=f)
         d.text(((self.x0 + self.x1) // 2 - 20, size[1] - 18), xlabel, fill="black", font=f)
-        d.text((4, self.y0 - 14), ylabel, fill="black", font=f)
+        d.text((4, 8), ylabel, fill="black", font=f)
 
     @staticmethod
     def _limits(values):
@@ -244,9 +249,14 @@ class Plot:
         if label and label not in [l for l, _ in self.legend]:
             self.legend.append((label, color))
 
-    def finish(self):
+    def finish(self, legend_at="top"):
+        """The image, with the legend in the top or bottom right corner (wherever the data is not)."""
+        top = self.y0 + 3 if legend_at == "top" else self.y1 - 9 - 14 * len(self.legend)
+        if self.legend:
+            self.d.rectangle([self.x1 - 136, top, self.x1 - 4, top + 6 + 14 * len(self.legend)],
+                             fill="white", outline=(200, 200, 200))
         for i, (label, color) in enumerate(self.legend):
-            y = self.y0 + 6 + 14 * i
+            y = top + 3 + 14 * i
             self.d.rectangle([self.x1 - 130, y + 2, self.x1 - 122, y + 10], fill=color)
             self.d.text((self.x1 - 118, y), label, fill="black", font=font(11))
         return self.img
@@ -330,7 +340,9 @@ class Visualizer:
         G_h, G_w = self.cfg.grid
         sim = position_similarity(m.pos_embed.detach().cpu(), (G_h, G_w))       # (G_h, G_w, G_h, G_w)
         small = max(8, min(48, 480 // max(G_h, G_w)))
-        tiles = [heat_tile(sim[i, j], size=small) for i in range(G_h) for j in range(G_w)]
+        # Nearest-neighbour: one flat square per patch, as in the paper, so that a tile's brightest
+        # square can be matched to its own position.
+        tiles = [heat_tile(sim[i, j], size=small, mode="nearest") for i in range(G_h) for j in range(G_w)]
         g = to_pil(make_grid(torch.stack(tiles), nrow=G_w, padding=1, pad_value=1.0))
         self.save(g, "figure7_position_similarity.png", "tile (i, j): cosine similarity of the "
                   "position embedding of the patch at row i, column j with all others (Fig. 7, "
@@ -340,12 +352,17 @@ class Visualizer:
         dists = [mean_attention_distance(a, self.cfg.grid, self.cfg.patch_size) for a in maps]
         xs = [l + 1 for l, d in enumerate(dists) for _ in d]
         ys = [v for d in dists for v in d.tolist()]
-        p = Plot(xs + [0.5], ys + [0.0], "mean attention distance per head", "network depth (layer)",
-                 "pixels")
+        p = Plot(xs, ys, "mean attention distance per head", "network depth (layer)", "pixels",
+                 y_from_zero=True)
+        n = self.cfg.grid[0] * self.cfg.grid[1]
+        uniform = mean_attention_distance(torch.full((1, 1, n, n), 1.0 / n), self.cfg.grid,
+                                          self.cfg.patch_size).item()
+        p.line([1, len(dists)], [uniform, uniform], (170, 170, 170), "uniform attention")
         p.points(xs, ys, PALETTE[0], "one head")
         p.line(range(1, len(dists) + 1), [d.mean().item() for d in dists], PALETTE[3], "mean of heads")
-        self.save(p.finish(), "figure7_attention_distance.png", "how far each head looks, in pixels, "
-                  "against depth (Fig. 7, right): early layers mix near and far, late ones mostly far")
+        self.save(p.finish("bottom"), "figure7_attention_distance.png", "how far each head looks, in pixels, "
+                  "against depth (Fig. 7, right); grey: attention spread evenly over all patches. In a "
+                  "well-trained ViT some early heads look near, and late ones far")
 
     def curves(self):
         hist = self.ckpt.get("metrics", [])
@@ -360,7 +377,7 @@ class Visualizer:
             p = Plot(ep, tr + ev, name, "epoch", name)
             p.line(ep, tr, PALETTE[0], "train")
             p.line(ep, ev, PALETTE[1], split)
-            pictures.append(p.finish())
+            pictures.append(p.finish("top" if key == "loss" else "bottom"))
         canvas = Image.new("RGB", (sum(p.width for p in pictures), pictures[0].height), "white")
         for k, p in enumerate(pictures):
             canvas.paste(p, (k * p.width, 0))
