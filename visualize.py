@@ -141,8 +141,9 @@ def colormap(x):
     return ((1 - t) * stops[i] + t * stops[i + 1]).permute(2, 0, 1)
 
 
-def heat_tile(values, image=None, size=TILE, mode="bilinear"):
+def heat_tile(values, image=None, size=None, mode="bilinear"):
     """A (G_h, G_w) map scaled to its own [min, max], upsampled, coloured, laid over an image."""
+    size = size or TILE
     v = values.float()
     v = (v - v.min()) / (v.max() - v.min()).clamp_min(1e-12)
     h, w = size_of(values.shape, size)
@@ -153,8 +154,9 @@ def heat_tile(values, image=None, size=TILE, mode="bilinear"):
     return 0.45 * image_tile(image, size) + 0.55 * heat
 
 
-def image_tile(image, size=TILE):
+def image_tile(image, size=None):
     """uint8 (3, H, W) -> float (3, h, w) in [0, 1], enlarged for display."""
+    size = size or TILE
     h, w = size_of(image.shape[-2:], size)
     return F.interpolate(image[None].float() / 255, size=(h, w), mode="bicubic",
                          align_corners=False)[0].clamp(0, 1)
@@ -509,6 +511,7 @@ def parse_args(argv=None):
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: fraction of the "
                    "weakest attention links dropped in each layer (default: 0)")
     p.add_argument("--num-images", type=int, default=8, help="test images to show (default: 8)")
+    p.add_argument("--tile", type=int, default=TILE, help=f"pixels per image in the grids (default: {TILE})")
     p.add_argument("--data-dir", help="where the checkpoint's dataset is (default: where it was trained from)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="picks the test images (default: 0)")
@@ -529,6 +532,10 @@ def run(args):
     unknown = [s for s in only if s not in PICTURES]
     if unknown:
         raise ValueError(f"--only: unknown picture {', '.join(unknown)}; choose from {', '.join(PICTURES)}")
+    if args.tile < 16 or args.num_images < 1:
+        raise ValueError("--tile must be at least 16 and --num-images at least 1")
+    global TILE
+    TILE = args.tile                    # the default size of every tile drawn below
     if not 0 <= args.discard_ratio < 1:
         raise ValueError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
     ckpt = load_checkpoint(args.ckpt)
