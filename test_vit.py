@@ -294,13 +294,15 @@ class TestTraining(unittest.TestCase):
                     self.assertNotIn("Traceback", out)
 
     def test_help_explains_every_flag(self):
-        out = subprocess.run([sys.executable, "train.py", "-h"], cwd=HERE, capture_output=True, text=True)
-        self.assertEqual(out.returncode, 0)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as done:
+            train.main(["-h"])
+        self.assertEqual(done.exception.code, 0)
         for flag in ("--dataset", "--data-dir", "--model", "--epochs", "--batch-size", "--lr",
                      "--weight-decay", "--warmup-epochs", "--label-smoothing", "--device", "--workers",
                      "--seed", "--out", "--image-size", "--patch-size", "--dim", "--depth", "--heads",
                      "--mlp-ratio", "--val-split", "--eval-only", "--ckpt", "--compile"):
-            self.assertIn(flag, out.stdout)
+            self.assertIn(flag, out.getvalue())
 
 
 class TestReliability(unittest.TestCase):
@@ -591,6 +593,99 @@ class TestFineTuning(unittest.TestCase):
             self.assertEqual(a["step"], b["step"])
             for k, v in a["model"].items():
                 torch.testing.assert_close(b["model"][k], v, atol=2e-5, rtol=1e-4)
+
+
+class TestRecipe(unittest.TestCase):
+    """Each recipe flag changes what it should: a flag that silently does nothing is a bug."""
+    SMALL = ("--dataset", "fake", "--batch-size", 50, "--epochs", 1, "--dim", 32, "--depth", 2, "--heads", 2)
+
+    def train_weights(self, *flags):
+        with tempfile.TemporaryDirectory() as tmp:
+            code, log = run_train(*self.SMALL, *flags, "--out", f"{tmp}/m.pt")
+            self.assertEqual(code, 0, log)
+            return torch.load(f"{tmp}/m.pt", weights_only=True), log
+
+    def test_augmentation_policies_and_erasing_change_images(self):
+        split = datasets.fake_split(32, 16, 10, seed=0)
+        for augment in ("randaugment", "autoaugment", "trivialaugment"):
+            with self.subTest(augment=augment):
+                tf = datasets.train_transform((16, 16), 0, False, augment)
+                self.assertEqual(type(tf.transforms[-1]).__name__.lower(), augment.replace("trivialaugment", "trivialaugmentwide"))
+                torch.manual_seed(0)
+                changed = sum(not torch.equal(tf(x), x) for x in split.images)
+                self.assertGreater(changed, 16)
+        erase = datasets.train_transform((16, 16), 0, False, "none", random_erasing=1.0)
+        out = erase(split.images[0].clone() | 1)                    # no zero pixel before erasing
+        self.assertTrue((out == 0).any())
+        with self.assertRaisesRegex(ValueError, "unknown --augment"):
+            datasets.train_transform((16, 16), augment="cutout")
+
+    def test_mixup_and_cutmix_make_soft_targets(self):
+        x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
+        for mixer in (datasets.batch_mixer(10, mixup=0.8), datasets.batch_mixer(10, cutmix=1.0),
+                      datasets.batch_mixer(10, 0.8, 1.0)):
+            torch.manual_seed(0)
+            mx, target = mixer(x, y)
+            self.assertEqual(target.shape, (8, 10))
+            torch.testing.assert_close(target.sum(1), torch.ones(8))
+            self.assertFalse(torch.equal(mx, x))
+            self.assertGreater((target > 0).sum(1).max().item(), 1)   # two classes share a target
+        self.assertIsNone(datasets.batch_mixer(10))
+
+    def test_repeated_augmentation_sampler(self):
+        order = list(datasets.EpochSampler(12, repeats=3))
+        self.assertEqual(len(order), 12)
+        self.assertEqual(order[0::3], order[1::3])                   # each image three times in a row
+        self.assertEqual(len(set(order)), 4)
+        # two processes: copies of an image go to different processes, together the whole epoch
+        r0, r1 = list(datasets.EpochSampler(12, 2, 0, repeats=2)), list(datasets.EpochSampler(12, 2, 1, repeats=2))
+        self.assertEqual(r0, r1)
+        plain = datasets.EpochSampler(10, 1, 0)
+        plain.skip = 4
+        self.assertEqual(list(plain), list(datasets.EpochSampler(10, 1, 0))[4:])
+
+    def test_training_flags_change_the_weights(self):
+        base, _ = self.train_weights("--crop-padding", 0, "--no-flip")
+        for flags in (("--mixup", 0.8), ("--cutmix", 1.0), ("--augment", "randaugment"),
+                      ("--random-erasing", 0.5), ("--repeat-aug", 3), ("--label-smoothing", 0.3),
+                      ("--drop-path", 0.2), ("--weight-decay", 0.5), ("--dropout", 0.2)):
+            with self.subTest(flags=flags):
+                ckpt, _ = self.train_weights("--crop-padding", 0, "--no-flip", *flags)
+                diff = (ckpt["model"]["blocks.0.mlp.fc1.weight"] - base["model"]["blocks.0.mlp.fc1.weight"]).abs().max()
+                self.assertGreater(diff.item(), 1e-6, flags)
+
+    def test_ema_is_evaluated_and_saved(self):
+        ckpt, log = self.train_weights("--ema", 0.9)
+        self.assertIsNotNone(ckpt["ema"])
+        raw, avg = ckpt["model"]["head.weight"], ckpt["ema"]["head.weight"]
+        self.assertFalse(torch.equal(raw, avg))
+        self.assertGreater(avg.abs().sum().item(), 0)               # it moved away from the zero init
+        # rebuilding for evaluation takes the averaged weights; resuming takes the raw ones
+        torch.testing.assert_close(train.model_from_checkpoint(ckpt).head.weight, avg)
+        torch.testing.assert_close(train.model_from_checkpoint(ckpt, raw=True).head.weight, raw)
+
+    def test_conv_stem_is_the_hybrid(self):
+        plain, hybrid = vit.build_model("cifar_tiny"), vit.build_model("cifar_tiny", stem="conv")
+        self.assertIsInstance(plain.stem, torch.nn.Identity)
+        self.assertEqual(hybrid.patch_embed.in_channels, 48)          # patches of a 48-channel map
+        self.assertEqual(hybrid(torch.randn(2, 3, 32, 32)).shape, (2, 10))
+        self.assertEqual(hybrid.embed(torch.randn(2, 3, 32, 32)).shape, (2, 65, 96))  # same tokens
+        self.assertGreater(vit.forward_flops(hybrid.cfg), vit.forward_flops(plain.cfg))
+        ckpt, _ = self.train_weights("--stem", "conv")
+        self.assertEqual(ckpt["config"]["stem"], "conv")
+
+    def test_forward_flops_counts_the_matmuls(self):
+        cfg = ViTConfig(image_size=8, patch_size=4, dim=4, depth=1, heads=1, mlp_ratio=2.0, num_classes=3)
+        # 4 patches of 48 inputs; 5 tokens: q,k,v,out 4*5*16, q k^T and attn v 2*25*4, MLP 2*5*4*8; head 12
+        macs = 4 * 4 * 48 + (4 * 5 * 16 + 2 * 25 * 4 + 2 * 5 * 4 * 8) + 12
+        self.assertEqual(vit.forward_flops(cfg), 2 * macs)
+
+    def test_benchmark_reports_speeds(self):
+        code, log = run_train("--dataset", "fake", "--batch-size", 50, "--dim", 32, "--depth", 2, "--heads", 2,
+                              "--benchmark", "--out", os.path.join(tempfile.gettempdir(), "unused.pt"))
+        self.assertEqual(code, 0, log)
+        for words in ("training (loader + model)", "data loader alone", "model alone", "GFLOP/s", "% of"):
+            self.assertIn(words, log)
 
 
 class TestVisualize(unittest.TestCase):

@@ -18,6 +18,8 @@ Letters in shape comments: B batch, C channels, H/W image size, K classes.
 """
 
 import argparse
+import copy
+import itertools
 import json
 import math
 import os
@@ -66,6 +68,16 @@ def get_parser():
     a("--crop-padding", type=int, default=4, help="random crop of the image padded by this many "
       "pixels; 0 turns it off (default: 4)")
     a("--no-flip", action="store_true", help="turn off random horizontal flips")
+    a("--augment", default="none", choices=datasets.AUGMENTS, help="a policy of stronger random "
+      "changes per image (default: none)")
+    a("--random-erasing", type=float, default=0.0, help="probability of blanking a random rectangle "
+      "of each image (default: 0)")
+    a("--mixup", type=float, default=0.0, help="Mixup alpha: blend pairs of images and their labels; "
+      "0 is off (default: 0; 0.8 is DeiT's)")
+    a("--cutmix", type=float, default=0.0, help="CutMix alpha: paste a patch of one image into "
+      "another; 0 is off (default: 0; 1.0 is DeiT's)")
+    a("--repeat-aug", type=int, default=1, help="show each image this many times per epoch, "
+      "differently augmented, in place of other images (default: 1, off)")
     # model
     a("--model", default="cifar_tiny", help=f"named shape: {', '.join(MODELS)} (default: cifar_tiny)")
     a("--image-size", type=int, help="input size in pixels (default: the model's, 32 for CIFAR shapes)")
@@ -77,6 +89,8 @@ def get_parser():
     a("--pool", choices=["cls", "mean"], help="classify the class token (paper) or the mean token")
     a("--dropout", type=float, help="dropout rate (default: 0)")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: 0)")
+    a("--stem", choices=["patch", "conv"], help="patch: the plain ViT; conv: the paper's hybrid, "
+      "patches cut from a small convolutional feature map (default: patch)")
     # optimisation
     a("--epochs", type=int, default=10, help="passes over the training set (default: 10)")
     a("--batch-size", type=int, default=128, help="images per step, over all processes (default: 128)")
@@ -94,6 +108,8 @@ def get_parser():
       "gradients add up: the same training in less memory (default: 1)")
     a("--grad-clip", type=float, default=1.0, help="clip the gradients' global norm to this; 0 turns "
       "it off (default: 1)")
+    a("--ema", type=float, default=0.0, help="also keep an exponential moving average of the weights "
+      "with this decay (e.g. 0.999) and evaluate and save that (default: 0, off)")
     # fine-tuning
     a("--pretrained", metavar="NAME|CKPT", help=f"fine-tune instead of training from scratch, from "
       f"torchvision's ImageNet weights ({', '.join(TORCHVISION_VITS)}) or from a checkpoint of ours; "
@@ -117,6 +133,8 @@ def get_parser():
     a("--patience", type=int, default=0, help="stop when the evaluation accuracy has not improved for "
       "this many epochs; 0 never stops early (default: 0)")
     a("--eval-only", action="store_true", help="evaluate --ckpt on the test set and exit")
+    a("--benchmark", action="store_true", help="measure speed instead of training: training "
+      "images/s, the data loader and the model alone, and FLOP/s against the device's peak")
     a("--ckpt", help="checkpoint to evaluate with --eval-only")
     return p
 
@@ -173,14 +191,18 @@ def load_weights(model, state_dict, source="checkpoint"):
     model.load_state_dict(clean)
 
 
-def model_from_checkpoint(ckpt, **overrides):
-    """Rebuild the trained ViT from a checkpoint dict alone (overrides: fields without weights)."""
+def model_from_checkpoint(ckpt, raw=False, **overrides):
+    """Rebuild the trained ViT from a checkpoint dict alone (overrides: fields without weights).
+
+    A run with --ema was evaluated with the averaged weights, so those are what we rebuild, unless
+    raw=True asks for the weights the optimizer was working on (to resume training).
+    """
     try:
         cfg = ViTConfig(**{**ckpt["config"], **overrides})
     except TypeError as e:
         raise CheckpointError(f"the checkpoint's config does not fit this vit.py ({e})") from None
     model = ViT(cfg)
-    load_weights(model, ckpt["model"])
+    load_weights(model, ckpt["model"] if raw or ckpt.get("ema") is None else ckpt["ema"])
     return model
 
 
@@ -350,24 +372,28 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-class ResumableSampler(torch.utils.data.DistributedSampler):
-    """A DistributedSampler that can skip the first `skip` samples of its epoch's order.
-
-    The order of an epoch depends only on the seed and the epoch number, so a run stopped after k
-    batches of an epoch continues with exactly the batches it had not seen yet.
-    """
-
-    skip = 0
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
 class Diverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class EMA:
+    """An exponential moving average of the weights: after every step, ema = decay*ema + (1-decay)*w.
+
+    It averages the last ~1/(1-decay) steps, smoothing out the noise of the final steps, and is often
+    a little more accurate than the weights themselves (Polyak & Juditsky 1992; DeiT uses 0.99996).
+    """
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        for e, w in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(w, 1.0 - self.decay)
+            else:
+                e.copy_(w)                     # counters such as BatchNorm's batches seen
 
 
 # --------------------------------------------------------------------------------------------------
@@ -394,13 +420,16 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
         images = images.to(device, non_blocking=True)                     # (B, C, H, W) uint8
         labels = labels.to(device, non_blocking=True)                     # (B,)
         x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["input_size"])   # (B, C, H, W) float
+        target = labels
+        if ctx["mixer"] is not None:
+            x, target = ctx["mixer"](x, labels)   # mixed images, soft targets (B, K)
         # DDP averages gradients over processes in backward(); between the parts of one step there
         # is nothing to average yet, so no_sync() skips that communication.
         sync = nullcontext() if last or ctx["world"] == 1 else model.no_sync()
         with sync:
             with ctx["autocast"]():
                 logits = model(x)                                         # (B, K)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=ctx["label_smoothing"])
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=ctx["label_smoothing"])
             scaler.scale(loss / accum).backward()
         n = len(labels)
         sums[0] += loss.detach() * n
@@ -416,6 +445,8 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if ctx["ema"] is not None:
+            ctx["ema"].update(ctx["raw_model"])
         step += 1
         done = (i + 1) // accum
         progress.update(done, lambda: f"loss {check_finite(sums[0].item(), step) / sums[2].item():.3f} "
@@ -523,13 +554,13 @@ def run(args):
     # The model: a named shape with any field overridden by a flag; pretrained weights; or, on
     # --resume, the checkpoint's. The head is sized for the data's classes once they are known.
     shape = dict(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-                 heads=args.heads, mlp_ratio=args.mlp_ratio, pool=args.pool)
+                 heads=args.heads, mlp_ratio=args.mlp_ratio, pool=args.pool, stem=args.stem)
     regularisation = {k: v for k, v in dict(dropout=args.dropout, drop_path=args.drop_path).items()
                       if v is not None}
     torch.manual_seed(args.seed)           # the same initial weights in every process
     norm = None                            # the pretrained weights' normalisation, if any
     if resume:
-        model = model_from_checkpoint(resume)
+        model = model_from_checkpoint(resume, raw=True)
         differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(model.cfg, k)})"
                   for k, v in {**shape, **regularisation}.items() if v is not None and v != getattr(model.cfg, k)]
         if differ:
@@ -597,12 +628,10 @@ def run(args):
 
     workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 4)
     stored_size = tuple(data.train.images.shape[-2:])     # augment at the stored size, resize later
-    transform = datasets.train_transform(stored_size, args.crop_padding, not args.no_flip)
+    transform = datasets.train_transform(stored_size, args.crop_padding, not args.no_flip, args.augment,
+                                         args.random_erasing)
     train_set = datasets.ImageDataset(data.train, transform)
-    # A DistributedSampler with one replica is a plain seeded shuffle, so one code path serves a single
-    # process and torchrun alike; set_epoch() gives every epoch (and a resumed one) its own order.
-    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed,
-                               drop_last=True)
+    sampler = datasets.EpochSampler(len(train_set), world, rank, args.seed, args.repeat_aug)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size // world // args.grad_accum, sampler=sampler, drop_last=True,
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -612,9 +641,14 @@ def run(args):
 
     eval_name, eval_split = ("val", data.val) if data.val is not None else ("test", data.test)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    ema = EMA(model, args.ema) if args.ema > 0 else None
+    if ema is not None and resume:
+        load_weights(ema.model, resume["ema"] if resume.get("ema") is not None else resume["model"])
+    eval_model = ema.model if ema is not None else train_model
     ctx = dict(device=device, rank=rank, world=world, mean=mean, std=std, input_size=cfg.input_size,
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
-               grad_accum=args.grad_accum, prefix="", stop=StopRequest())
+               grad_accum=args.grad_accum, prefix="", stop=StopRequest(), ema=ema, raw_model=model,
+               mixer=datasets.batch_mixer(cfg.num_classes, args.mixup, args.cutmix))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     origin = f"{args.pretrained} ({args.weights}), fine-tuned" if args.pretrained else args.model
@@ -627,6 +661,9 @@ def run(args):
         f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {lr:.2e}, "
         f"{workers} loader workers{', compiled' if args.compile else ''}")
 
+    if args.benchmark:
+        return run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, args)
+
     stem = os.path.splitext(args.out)[0]
     metrics_path, best_path = stem + ".metrics.jsonl", stem + ".best.pt"
     if is_main and not resume:
@@ -637,6 +674,7 @@ def run(args):
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         return dict(config=asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                    ema=ema.model.state_dict() if ema is not None else None,
                     scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
                     metrics=history, rng=rng,
                     args=dict(vars(args), dataset=dataset, data_dir=data_dir),
@@ -664,7 +702,7 @@ def run(args):
             totals = reduce_sum(sums.clone())            # (loss sum, correct, images) over processes
             train_loss, train_acc, n = check_finite(totals[0].item(), step) / totals[2].item(), \
                 totals[1].item() / totals[2].item(), int(totals[2].item())
-            eval_loss, eval_acc = evaluate(train_model, eval_split, ctx)
+            eval_loss, eval_acc = evaluate(eval_model, eval_split, ctx)
             record = dict(epoch=epoch + 1, step=step, train_loss=round(train_loss, 4),
                           train_acc=round(train_acc, 4), eval_split=eval_name,
                           eval_loss=round(eval_loss, 4), eval_acc=round(eval_acc, 4),
@@ -695,11 +733,102 @@ def run(args):
     if world > 1:
         say(check_same_weights(model, world))
     if data.val is not None:   # the test set, reported once at the end, never looked at before
-        test_loss, test_acc = evaluate(train_model, data.test, ctx)
+        test_loss, test_acc = evaluate(eval_model, data.test, ctx)
         say(f"test loss {test_loss:.4f}  test accuracy {100 * test_acc:.2f}%")
     say(f"saved {args.out}, {best_path} (best {eval_name} accuracy {100 * best_acc:.2f}%, epoch "
         f"{best_epoch}) and {metrics_path} ({format_time(time.time() - run_start)} in all)")
     return 0
+
+
+# Dense bf16 matrix peaks from the vendors' data sheets (FLOP/s), for the MFU of --benchmark.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+                 "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def device_peak(device, dtype):
+    """(FLOP/s, how it was found): a data-sheet figure for known GPUs, else a large matmul timed now."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name and dtype == torch.bfloat16:
+                return flops, f"{name} bf16 data sheet"
+    a = torch.randn(2048, 2048, device=device, dtype=dtype or torch.float32)
+    a @ a
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    sync(device)
+    return 5 * 2 * 2048 ** 3 / (time.perf_counter() - t), f"a 2048x2048 {a.dtype} matmul timed now"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, args, steps=200):
+    """Speed of the loader alone, the model alone and both together, and the share of the device's
+    peak the model achieves (MFU). Nothing is saved: the weights are trained on and thrown away."""
+    device, per_step = ctx["device"], args.batch_size // ctx["world"]
+    ctx["prefix"], ctx["stop"].signal = "benchmark", None
+
+    def timed(fn, n):
+        fn(min(n, 10))                         # warm up (and let torch.compile compile)
+        sync(device)
+        t = time.perf_counter()
+        fn(n)
+        sync(device)
+        return n * per_step / (time.perf_counter() - t)
+
+    def loader_only(n):
+        it = iter(loader)
+        for _ in range(n):
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                it = iter(loader)
+                images, labels = next(it)
+            images.to(device, non_blocking=True)
+
+    images, labels = next(iter(loader))
+    one = [(images, labels)] * 1000
+
+    def model_only(n):                         # the same batch again and again: no loading at all
+        train_one_epoch(train_model, one[:n], optimizer, scaler, 0, sched, ctx)
+
+    def training(n):
+        train_one_epoch(train_model, FirstBatches(loader, n), optimizer, scaler, 0, sched, ctx)
+
+    n = min(steps, len(loader))
+    loader_ips = timed(loader_only, n)
+    model_ips = timed(model_only, n)
+    train_ips = timed(training, n)
+    flops = 3 * vit.forward_flops(model.cfg)   # forward + backward per image
+    peak, source = device_peak(device, pick_precision(args.precision, device))
+    print(f"benchmark on {device}, batch {args.batch_size}, {n} steps each:")
+    print(f"  training (loader + model)  {train_ips:9.0f} images/s")
+    print(f"  data loader alone          {loader_ips:9.0f} images/s")
+    print(f"  model alone (one batch)    {model_ips:9.0f} images/s   {flops / 1e6:.1f} MFLOP per image "
+          f"trained")
+    print(f"  model FLOP/s               {model_ips * flops / 1e9:9.1f} GFLOP/s = {100 * model_ips * flops / peak:.1f}% "
+          f"of {peak / 1e9:.0f} GFLOP/s ({source})")
+    return 0
+
+
+class FirstBatches:
+    """The first n batches of a loader, loaded as they are used, like the loader itself."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(self.loader, self.n)
 
 
 def stopped_by(ctx, step, out, say):
@@ -745,6 +874,10 @@ def check_args(args, world):
         raise ValueError("--lr, --weight-decay, --warmup-epochs and --grad-clip can't be negative")
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if not 0 <= args.ema < 1 or args.repeat_aug < 1 or args.mixup < 0 or args.cutmix < 0 \
+            or not 0 <= args.random_erasing <= 1:
+        raise ValueError("--ema must be in [0, 1), --repeat-aug at least 1, --mixup and --cutmix not "
+                         "negative, --random-erasing a probability")
     if args.head_only and not args.pretrained and not args.resume:
         raise ValueError("--head-only trains only the head of a pretrained model: add --pretrained")
 

@@ -42,6 +42,7 @@ class ViTConfig:
     pool: str = "cls"             # "cls": class token (Eq. 4); "mean": average of patch tokens
     representation_size: int = 0  # >0: the pre-logits layer (Linear+tanh) used in pre-training
     image_height: int = 0         # 0 means square; set for non-square inputs, e.g. 32x48
+    stem: str = "patch"           # "patch": Eq. 1 on pixels; "conv": the hybrid of Sec. 3.1
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads"):
@@ -63,6 +64,8 @@ class ViTConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {self.stem!r}")
 
     @property
     def grid(self):
@@ -190,9 +193,22 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         G_h, G_w = cfg.grid
+        # The hybrid model (Sec. 3.1, "Hybrid Architecture"): the patches are cut from a CNN's feature
+        # map instead of from raw pixels, so each token starts from local edge and texture features,
+        # the convolutional prior that a plain ViT must learn from data. The paper uses ResNet stages;
+        # two 3x3 convolutions at full resolution are the smallest such map. It is not the default:
+        # the plain ViT is what this project teaches.
+        stem_channels = cfg.in_channels
+        self.stem = nn.Identity()
+        if cfg.stem == "conv":
+            c = max(cfg.dim // 2, 16)
+            self.stem = nn.Sequential(                 # (B, C, H, W) -> (B, c, H, W)
+                nn.Conv2d(cfg.in_channels, c // 2, 3, padding=1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(),
+                nn.Conv2d(c // 2, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+            stem_channels = c
         # Eq. 1's "x_p E": flattening each PxP patch and multiplying by E (P*P*C, D) is exactly a
         # convolution whose kernel and stride are both P. The conv does it without copying patches out.
-        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size,
+        self.patch_embed = nn.Conv2d(stem_channels, cfg.dim, kernel_size=cfg.patch_size,
                                      stride=cfg.patch_size)
         # The class token is a learned extra token (as in BERT) whose final state summarises the image
         # for the head (Eq. 4). With pool="mean" there is none and the head sees the mean patch token.
@@ -256,7 +272,7 @@ class ViT(nn.Module):
 
     def embed(self, images):
         """Eq. 1: images (B, C, H, W) -> tokens (B, N, D) with position embeddings added."""
-        x = self.patch_embed(images)                     # (B, D, G_h, G_w)
+        x = self.patch_embed(self.stem(images))          # (B, D, G_h, G_w)
         x = x.flatten(2).transpose(1, 2)                 # (B, G_h*G_w, D): row by row, left to right
         if self.cls_token is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)   # (B, 1, D)
@@ -294,6 +310,26 @@ def build_model(name="cifar_tiny", **overrides):
 
 def num_params(model):
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(cfg):
+    """Floating-point operations of one image's forward pass (a multiply-add counts as 2).
+
+    Where the compute goes: per block, the four D x D projections (q, k, v and the output) and the
+    MLP's two D x M layers are linear in the number of tokens N; only q k^T and (attention) v grow
+    with N^2. Training costs about 3x this: the backward pass is twice the forward.
+    """
+    D, M, N, G = cfg.dim, cfg.mlp_dim, cfg.grid[0] * cfg.grid[1] + (cfg.pool == "cls"), cfg.grid[0] * cfg.grid[1]
+    H, W = cfg.input_size
+    stem_c, stem = cfg.in_channels, 0
+    if cfg.stem == "conv":
+        c = max(D // 2, 16)
+        stem = H * W * 9 * (cfg.in_channels * (c // 2) + (c // 2) * c)
+        stem_c = c
+    macs = stem + G * D * stem_c * cfg.patch_size ** 2            # patch embedding (Eq. 1)
+    macs += cfg.depth * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M)   # Eq. 2 and 3, per block
+    macs += D * cfg.num_classes                                   # head
+    return 2 * macs
 
 
 def from_torchvision(tv_model, **overrides):
