@@ -292,6 +292,8 @@ def normalize(images, mean, std, size=None):
     x = images.float().div_(255)
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)   # (1, C, 1, 1) broadcasts over B, H, W
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    # as_tensor copies nothing when mean and std already are tensors on this device (train.py makes
+    # them once): a copy from a Python list every step would make the CPU wait for the GPU each time.
+    mean = torch.as_tensor(mean, device=x.device).view(1, -1, 1, 1)   # (1, C, 1, 1): broadcasts
+    std = torch.as_tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std

@@ -505,7 +505,8 @@ class TestFineTuning(unittest.TestCase):
         x = torch.randn(1, 3, 224, 224)
         with torch.no_grad():
             expected = tv(x)
-            self.assertLessEqual((ours(x) - expected).abs().max().item(), 1e-4)
+            self.assertLessEqual((ours(x) - expected).abs().max().item(), 1e-5)
+            self.assertLessEqual((ours(x, return_attention=True)[0] - expected).abs().max().item(), 1e-5)
 
     def test_reset_head_and_set_image_size(self):
         model = ViT(ViTConfig(**TINY))

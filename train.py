@@ -597,7 +597,7 @@ def run(args):
     mean, std = norm or (data.mean, data.std)
     torch.manual_seed(args.seed + 1000 * rank)   # but each process its own augmentation and dropout
 
-    lr = args.lr
+    lr = args.lr                             # the peak of the schedule
     steps_per_epoch = len(data.train) // args.batch_size
     if steps_per_epoch == 0:
         raise DataError(f"the training set has {len(data.train)} images, fewer than one batch of "
@@ -645,7 +645,8 @@ def run(args):
     if ema is not None and resume:
         load_weights(ema.model, resume["ema"] if resume.get("ema") is not None else resume["model"])
     eval_model = ema.model if ema is not None else train_model
-    ctx = dict(device=device, rank=rank, world=world, mean=mean, std=std, input_size=cfg.input_size,
+    ctx = dict(device=device, rank=rank, world=world, input_size=cfg.input_size,
+               mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device),
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
                grad_accum=args.grad_accum, prefix="", stop=StopRequest(), ema=ema, raw_model=model,
                mixer=datasets.batch_mixer(cfg.num_classes, args.mixup, args.cutmix))
@@ -664,8 +665,8 @@ def run(args):
     if args.benchmark:
         return run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, args)
 
-    stem = os.path.splitext(args.out)[0]
-    metrics_path, best_path = stem + ".metrics.jsonl", stem + ".best.pt"
+    out_base = os.path.splitext(args.out)[0]
+    metrics_path, best_path = out_base + ".metrics.jsonl", out_base + ".best.pt"
     if is_main and not resume:
         open(metrics_path, "w").close()       # a new run starts a new log
 

@@ -33,7 +33,7 @@ class ViTConfig:
     num_classes: int = 10
     dim: int = 96                 # D, the width the paper calls "Hidden size"
     depth: int = 6                # L, number of blocks ("Layers")
-    heads: int = 3                # h, attention heads; D must divide into them
+    heads: int = 3                # h, attention heads; D must be a multiple of h
     mlp_ratio: float = 2.0        # M = D * mlp_ratio ("MLP size"; the paper uses 4)
     dropout: float = 0.0          # after the embeddings, inside the MLP and after attention
     attn_dropout: float = 0.0     # on the attention weights
@@ -147,8 +147,8 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        # The exact (erf) GELU, as in the paper's code and torchvision; the tanh approximation is not
-        # faster in PyTorch and would break equality with torchvision's weights.
+        # The exact (erf) GELU, as in the paper's code and torchvision: the tanh approximation that some
+        # tutorials use would give slightly different outputs from the same weights.
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
@@ -244,7 +244,7 @@ class ViT(nn.Module):
         fan_in = self.patch_embed.in_channels * self.patch_embed.kernel_size[0] ** 2
         nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)           # as in timm and torchvision
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)           # timm; torchvision: plain normal, 0.02
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)                        # as in torchvision
         # A zero head starts every class at equal odds (loss = ln K); the paper zero-initialises the
