@@ -15,6 +15,8 @@ Augmentation (training only) is the standard CIFAR recipe: a random 32x32 crop o
 4 pixels, and a random horizontal flip. Both are label-preserving for natural images and give the model
 many slightly different views of each picture, which a ViT needs more than a CNN does: it has no
 built-in notion that a shifted object is the same object (the paper's Sec. 3.1, "Inductive bias").
+Stronger options for longer runs, all off by default: augmentation policies and random erasing
+(train_transform), Mixup and CutMix (batch_mixer), repeated augmentation (EpochSampler).
 
 Letters in shape comments: N images, C channels, H/W height/width, B batch.
 """
