@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import data as datasets
 from data import DataError
 import vit
-from vit import MODELS, ViT, ViTConfig, build_model, num_params
+from vit import MODELS, ViT, ViTConfig, num_params
 
 TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 
@@ -275,11 +275,17 @@ def pick_precision(name, device):
     """The autocast dtype, or None for plain float32."""
     if name == "auto":
         if device.type != "cuda":
-            # CPU: bf16 is slower than fp32 on most laptop CPUs (no bf16 matrix units); MPS: autocast
-            # support is recent and uneven across macOS versions, so fp32 is the safe default there.
+            # CPU: bf16 autocast halved the training speed on our 2-core test machine, even with
+            # AVX-512 bf16 (README, Speed). MPS: autocast support is recent and uneven across macOS
+            # versions, so fp32 is the safe default there.
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast_for(device, dtype):
+    """A function that opens the mixed-precision context for one forward pass (or does nothing)."""
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 
 def lr_at(step, total_steps, warmup_steps, lr, min_lr):
@@ -577,7 +583,7 @@ def run(args):
         if args.image_size and args.image_size != model.cfg.image_size:
             model.set_image_size(args.image_size)
     else:
-        model = ViT(build_model_config(args.model, {**shape, **regularisation}))
+        model = ViT(vit.model_config(args.model, **shape, **regularisation))
     cfg = model.cfg
 
     data = datasets.load_data(dataset, data_dir, cfg.image_size, args.val_split, args.seed)
@@ -640,7 +646,7 @@ def run(args):
         generator=torch.Generator().manual_seed(args.seed))
 
     eval_name, eval_split = ("val", data.val) if data.val is not None else ("test", data.test)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    autocast = autocast_for(device, amp_dtype)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     if ema is not None and resume:
         load_weights(ema.model, resume["ema"] if resume.get("ema") is not None else resume["model"])
@@ -742,8 +748,8 @@ def run(args):
 
 
 # Dense bf16 matrix peaks from the vendors' data sheets (FLOP/s), for the MFU of --benchmark.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                 "RTX 4090": 165e12, "RTX 3090": 71e12}
+# The first key found in the device's name wins, so the PCIe H100 (a lower peak) comes before "H100".
+GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def device_peak(device, dtype):
@@ -883,12 +889,6 @@ def check_args(args, world):
         raise ValueError("--head-only trains only the head of a pretrained model: add --pretrained")
 
 
-def build_model_config(name, overrides):
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return build_model(name, **overrides).cfg
-
-
 def run_eval_only(args):
     if not args.ckpt:
         raise ValueError("--eval-only needs --ckpt PATH, the checkpoint to evaluate")
@@ -909,7 +909,7 @@ def run_eval_only(args):
     amp_dtype = pick_precision(args.precision, device)
     ctx = dict(device=device, rank=0, world=1, input_size=cfg.input_size,
                mean=info.get("mean", data.mean), std=info.get("std", data.std),
-               autocast=(lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext)
+               autocast=autocast_for(device, amp_dtype))
     loss, acc = evaluate(model, data.test, ctx)
     print(f"{args.ckpt}: {num_params(model) / 1e6:.2f}M parameters, trained {ckpt.get('epoch', '?')} "
           f"epochs on {info.get('dataset', '?')}; evaluated on {len(data.test)} {dataset} test images "

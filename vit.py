@@ -300,12 +300,16 @@ class ViT(nn.Module):
         return (logits, maps) if return_attention else logits
 
 
-def build_model(name="cifar_tiny", **overrides):
-    """A ViT from a named shape in MODELS, with any ViTConfig field overridden (None means keep)."""
+def model_config(name="cifar_tiny", **overrides):
+    """The ViTConfig of a named shape in MODELS, with any field overridden (None means keep)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    fields = {**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    return ViT(ViTConfig(**fields))
+    return ViTConfig(**{**MODELS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def build_model(name="cifar_tiny", **overrides):
+    """A ViT of a named shape, any field overridden."""
+    return ViT(model_config(name, **overrides))
 
 
 def num_params(model):
