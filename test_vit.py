@@ -213,16 +213,37 @@ class TestData(unittest.TestCase):
         self.assertIn("--dataset folder --data-dir", out)
         self.assertNotIn("Traceback", out)
 
-    def test_augmentation_changes_images_but_not_labels(self):
-        split = datasets.fake_split(64, 16, 10, seed=0)
-        ds = datasets.ImageDataset(split, datasets.train_transform(16))
-        torch.manual_seed(0)
-        x0, y0 = ds[0]
-        self.assertEqual(x0.shape, (3, 16, 16))
-        self.assertEqual(y0, split.labels[0])
-        changed = sum(not torch.equal(ds[i][0], split.images[i]) for i in range(64))
-        self.assertGreater(changed, 40)
-        self.assertIsNone(datasets.train_transform(16, crop_padding=0, flip=False))
+    def test_presets_set_defaults_that_flags_override(self):
+        for name, preset in train.PRESETS.items():
+            args = train.parse_args(["--preset", name])
+            for k, v in preset.items():
+                self.assertEqual(getattr(args, k), v, (name, k))
+            self.assertIn(args.model, vit.MODELS)
+        args = train.parse_args(["--preset", "cifar10-best", "--epochs", "3", "--dataset", "fake"])
+        self.assertEqual((args.epochs, args.dataset, args.augment), (3, "fake", "autoaugment"))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as e:
+            train.parse_args(["--preset", "cifar10-huge"])
+        self.assertEqual(e.exception.code, 2)
+        self.assertIn("invalid choice: 'cifar10-huge'", err.getvalue())
+
+    def test_crop_flip_is_per_image_crop_of_mirror_padded_image_then_flip(self):
+        # The batch version must do exactly what RandomCrop(padding, "reflect") + a flip do per image.
+        for p, H, W in [(4, 32, 32), (2, 6, 9), (0, 5, 5)]:
+            x = torch.randint(0, 256, (16, 3, H, W), dtype=torch.uint8)
+            torch.manual_seed(1)
+            out = datasets.crop_flip(x, p, True)
+            torch.manual_seed(1)                       # replay crop_flip's draws
+            dy, dx = torch.randint(0, 2 * p + 1, (16, 1)), torch.randint(0, 2 * p + 1, (16, 1))
+            flip = torch.rand(16, 1) < 0.5
+            padded = F.pad(x.float(), (p, p, p, p), mode="reflect") if p else x.float()
+            for b in range(16):
+                want = padded[b, :, dy[b, 0]:dy[b, 0] + H, dx[b, 0]:dx[b, 0] + W]
+                want = want.flip(-1) if flip[b, 0] else want
+                self.assertTrue(torch.equal(out[b], want.to(torch.uint8)), (p, H, W, b))
+        self.assertGreater(flip.sum().item(), 2)        # both branches were taken
+        self.assertIs(datasets.crop_flip(x, 0, False), x)
+        self.assertIsNone(datasets.train_transform())  # nothing left to do per image by default
 
     def test_normalize(self):
         images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
@@ -610,16 +631,16 @@ class TestRecipe(unittest.TestCase):
         split = datasets.fake_split(32, 16, 10, seed=0)
         for augment in ("randaugment", "autoaugment", "trivialaugment"):
             with self.subTest(augment=augment):
-                tf = datasets.train_transform((16, 16), 0, False, augment)
+                tf = datasets.train_transform(augment)
                 self.assertEqual(type(tf.transforms[-1]).__name__.lower(), augment.replace("trivialaugment", "trivialaugmentwide"))
                 torch.manual_seed(0)
                 changed = sum(not torch.equal(tf(x), x) for x in split.images)
                 self.assertGreater(changed, 16)
-        erase = datasets.train_transform((16, 16), 0, False, "none", random_erasing=1.0)
+        erase = datasets.train_transform("none", random_erasing=1.0)
         out = erase(split.images[0].clone() | 1)                    # no zero pixel before erasing
         self.assertTrue((out == 0).any())
         with self.assertRaisesRegex(ValueError, "unknown --augment"):
-            datasets.train_transform((16, 16), augment="cutout")
+            datasets.train_transform(augment="cutout")
 
     def test_mixup_and_cutmix_make_soft_targets(self):
         x, y = torch.randn(8, 3, 16, 16), torch.arange(8)
@@ -649,7 +670,8 @@ class TestRecipe(unittest.TestCase):
         base, _ = self.train_weights("--crop-padding", 0, "--no-flip")
         for flags in (("--mixup", 0.8), ("--cutmix", 1.0), ("--augment", "randaugment"),
                       ("--random-erasing", 0.5), ("--repeat-aug", 3), ("--label-smoothing", 0.3),
-                      ("--drop-path", 0.2), ("--weight-decay", 0.5), ("--dropout", 0.2)):
+                      ("--drop-path", 0.2), ("--weight-decay", 0.5), ("--dropout", 0.2),
+                      ("--crop-padding", 4), ("--pos-init", "random"), ("--patch-init", "random")):
             with self.subTest(flags=flags):
                 ckpt, _ = self.train_weights("--crop-padding", 0, "--no-flip", *flags)
                 diff = (ckpt["model"]["blocks.0.mlp.fc1.weight"] - base["model"]["blocks.0.mlp.fc1.weight"]).abs().max()
@@ -664,6 +686,33 @@ class TestRecipe(unittest.TestCase):
         # rebuilding for evaluation takes the averaged weights; resuming takes the raw ones
         torch.testing.assert_close(train.model_from_checkpoint(ckpt).head.weight, avg)
         torch.testing.assert_close(train.model_from_checkpoint(ckpt, raw=True).head.weight, raw)
+
+    def test_sincos_positions_are_2d_codes(self):
+        pe = vit.sincos_pos_embed((4, 6), 32)                         # (1, 1 + 4*6, 32)
+        self.assertEqual(pe.shape, (1, 25, 32))
+        self.assertEqual(pe[0, 0].abs().sum().item(), 0)               # the class token's row
+        grid = pe[0, 1:].view(4, 6, 32)
+        sim = lambda a, b: F.cosine_similarity(grid[a], grid[b], dim=0).item()
+        # a neighbour in the same row or column is more alike than a far corner
+        self.assertGreater(sim((1, 1), (1, 2)), sim((1, 1), (3, 5)))
+        self.assertGreater(sim((1, 1), (2, 1)), sim((1, 1), (3, 5)))
+        self.assertEqual(vit.sincos_pos_embed((2, 2), 8, has_cls=False).shape, (1, 4, 8))
+        self.assertEqual(vit.sincos_pos_embed((2, 2), 6).shape, (1, 5, 6))   # any width
+
+    def test_pca_patch_init_whitens_the_patches(self):
+        torch.manual_seed(0)
+        model = vit.build_model("cifar_tiny", image_size=16)          # 96 filters of 3*4*4 = 48 numbers
+        # correlated, off-centre, unequal channels: far from white to begin with
+        images = F.avg_pool2d(torch.randn(400, 3, 18, 18), 3, stride=1) * torch.tensor([3., 1., .3]).view(1, 3, 1, 1) + 2
+        vit.pca_patch_init(model, images, eps=1e-9)
+        with torch.no_grad():
+            tokens = model.patch_embed(images).flatten(2).transpose(1, 2).flatten(0, 1)   # (400*16, 96)
+        first, second = tokens[:, :48], tokens[:, 48:]
+        torch.testing.assert_close(second, -first)                     # the negated copies
+        torch.testing.assert_close(first.mean(0), torch.zeros(48), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.cov(first.T), torch.eye(48), atol=2e-3, rtol=0)
+        with self.assertRaisesRegex(ValueError, "patch stem"):
+            vit.pca_patch_init(vit.build_model("cifar_tiny", stem="conv"), images)
 
     def test_conv_stem_is_the_hybrid(self):
         plain, hybrid = vit.build_model("cifar_tiny"), vit.build_model("cifar_tiny", stem="conv")

@@ -485,12 +485,13 @@ class Visualizer:
 
     def augmentation(self, train_images):
         a = self.ckpt.get("args", {})
-        tf = datasets.train_transform(train_images.shape[-1], a.get("crop_padding", 4),
-                                      not a.get("no_flip", False))
-        originals = train_images[:8]
+        tf = datasets.train_transform(a.get("augment", "none"), a.get("random_erasing", 0.0))
+        originals = train_images[:8]                                        # (8, C, H, W) uint8
         rows = [[image_tile(x) for x in originals]]
-        for _ in range(3):
-            rows.append([image_tile(tf(x) if tf else x) for x in originals])
+        for _ in range(3):                 # the training pipeline: per image, then the batch's crop+flip
+            seen = torch.stack([tf(x) for x in originals]) if tf else originals
+            seen = datasets.crop_flip(seen, a.get("crop_padding", 4), not a.get("no_flip", False))
+            rows.append([image_tile(x) for x in seen])
         picture = grid_picture(rows, ["original", "augmented", "augmented", "augmented"],
                                title="training images as the model saw them")
         self.save(picture, "augmentation.png", "top row: training images; below: three random "

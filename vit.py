@@ -216,6 +216,8 @@ class ViT(nn.Module):
         n_tokens = G_h * G_w + (cfg.pool == "cls")
         # Learned 1-D position embeddings: one vector per token index. The paper (Appendix D.4) found
         # 2-D-aware variants no better; the model learns the grid itself (visualize.py shows it).
+        # (train.py starts them from 2-D sine-cosine codes by default, sincos_pos_embed below: they
+        # stay learned, but a short run no longer spends its first epochs discovering the grid.)
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, cfg.dim))
         self.pos_drop = nn.Dropout(cfg.dropout)
         # Stochastic depth rises linearly with depth (the DeiT recipe): early blocks are rarely dropped.
@@ -229,7 +231,8 @@ class ViT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """Every initial value of the model, in one place."""
+        """Every initial value of the model, as the paper's code sets them (train.py may then start
+        the position and patch embeddings elsewhere: sincos_pos_embed and pca_patch_init below)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 # Truncated normal, std 0.02: BERT's choice, kept by timm and DeiT for ViTs.
@@ -408,3 +411,56 @@ def resize_pos_embed(pos_embed, old_grid, new_grid, has_cls=True):
     grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
     patches = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)  # (1, G_h'*G_w', D)
     return torch.cat([cls, patches], dim=1)                                  # (1, N_new, D)
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional starting points for training from scratch. Neither changes the architecture: they only
+# pick the first values of weights the model learns anyway (train.py --pos-init / --patch-init).
+
+
+@torch.no_grad()
+def sincos_pos_embed(grid, dim, has_cls=True):
+    """2-D sine-cosine position codes, (1, N, D): a start for the learned position embeddings.
+
+    The Transformer's sinusoids (Vaswani et al. 2017), once for the patch's column and once for its
+    row, each over D/4 frequencies: neighbouring patches start with similar codes, which the learned
+    embeddings otherwise have to discover (Figure 7, centre). The class token's row is zero, and so
+    are the last D mod 4 channels.
+    """
+    G_h, G_w = grid
+    k = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(k) / max(k, 1))                           # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(G_h), torch.arange(G_w), indexing="ij")
+    rows = rows.flatten()[:, None] * freq                                         # (G_h*G_w, D/4)
+    cols = cols.flatten()[:, None] * freq
+    codes = torch.cat([cols.sin(), cols.cos(), rows.sin(), rows.cos()], dim=1)    # (G_h*G_w, 4*(D/4))
+    codes = F.pad(codes, (0, dim - 4 * k))                                        # (G_h*G_w, D)
+    if has_cls:
+        codes = torch.cat([torch.zeros(1, dim), codes])                           # (N, D)
+    return codes[None]
+
+
+@torch.no_grad()
+def pca_patch_init(model, images, eps=1e-2):
+    """Start the patch embedding E (Eq. 1) as a whitening of the patches in `images` (B, C, H, W).
+
+    Figure 7 (left) shows that trained embedding filters look like the principal components of image
+    patches. We start them there: each filter is one principal direction of the training patches,
+    scaled by 1/sqrt(its variance) so every component starts at unit variance, whether it is the
+    patch's mean colour or a faint texture; the second half of the filters are the negatives of the
+    first, so no sign is lost in the ReLU-free sum that follows. (Whitened first layers make CNNs
+    learn much faster on CIFAR too, e.g. Keller Jordan's airbench.)
+    """
+    if model.cfg.stem != "patch":
+        raise ValueError("--patch-init pca needs the plain patch stem (--stem patch)")
+    P, D = model.cfg.patch_size, model.cfg.dim
+    patches = F.unfold(images.float(), P, stride=P)             # (B, C*P*P, L): one column per patch
+    patches = patches.transpose(1, 2).flatten(0, 1)            # (B*L, C*P*P)
+    mean = patches.mean(0)
+    cov = torch.cov((patches - mean).T)                          # (C*P*P, C*P*P)
+    var, vecs = torch.linalg.eigh(cov)                           # ascending variance
+    var, vecs = var.flip(0), vecs.flip(1)                        # strongest direction first
+    white = vecs.T / (var.clamp(min=0) + eps).sqrt()[:, None]    # (C*P*P, C*P*P), one filter per row
+    filters = torch.cat([white, -white]).repeat(D // (2 * len(white)) + 1, 1)[:D]   # (D, C*P*P)
+    model.patch_embed.weight.copy_(filters.view_as(model.patch_embed.weight))
+    model.patch_embed.bias.copy_(-(filters @ mean))              # centred: a mean patch embeds to 0
