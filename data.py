@@ -1,4 +1,4 @@
-"""Datasets and augmentation: every image decoded once, held in memory as uint8, augmented per sample.
+"""Datasets and augmentation: every image decoded once, held in memory as uint8, augmented by the batch.
 
 CIFAR-sized data is small (50,000 x 3 x 32 x 32 bytes = 150 MB), so we decode each file once into one
 uint8 tensor and never touch the disk or a JPEG decoder again. Two CPU cores then spend their time
@@ -12,11 +12,13 @@ Datasets (`--dataset`):
     fake                synthetic images with a learnable pattern per class; offline, for tests
 
 Augmentation (training only) is the standard CIFAR recipe: a random 32x32 crop of the image padded by
-4 pixels, and a random horizontal flip, done for a whole batch at once on the device (crop_flip). Both are label-preserving for natural images and give the model
-many slightly different views of each picture, which a ViT needs more than a CNN does: it has no
-built-in notion that a shifted object is the same object (the paper's Sec. 3.1, "Inductive bias").
+4 pixels, and a random horizontal flip, done for a whole batch at once on the device (crop_flip). Both
+are label-preserving for natural images and give the model many slightly different views of each
+picture, which a ViT needs more than a CNN does: it has no built-in notion that a shifted object is
+the same object (the paper's Sec. 3.1, "Inductive bias").
 Stronger options for longer runs, all off by default: augmentation policies and random erasing
-(train_transform, per image in the loader), Mixup and CutMix (batch_mixer), repeated augmentation (EpochSampler).
+(train_transform, per image in the loader), Mixup and CutMix (batch_mixer), repeated augmentation
+(EpochSampler).
 
 Letters in shape comments: N images, C channels, H/W height/width, B batch.
 """

@@ -54,7 +54,7 @@ MODE_DEFAULTS = {
 # on what hardware, with its metrics log in results/.
 PRESETS = {
     # The used-by command's own defaults (no flags), picked by measurement for a 10-epoch run on a
-    # 2-core CPU: the small plain ViT, light augmentation, a short warmup.
+    # 2-core CPU: the small plain ViT, crop and flip only, the sine-cosine and PCA starts.
     "cifar10-cpu": dict(dataset="cifar10", model="cifar_tiny", epochs=10, batch_size=32),
     # The plain-ViT baseline of Lee et al. 2021 (93.6% / 73.8% on CIFAR-10 / -100): 2.7M parameters,
     # 100 epochs, 3x repeated augmentation, AutoAugment, Mixup and CutMix, random erasing, stochastic
@@ -713,6 +713,9 @@ def run(args):
     origin = f"{args.pretrained} ({args.weights}), fine-tuned" if args.pretrained else args.model
     say(f"model {origin}: {num_params(model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
         f"{asdict(cfg)}")
+    if not resume and not args.pretrained:
+        say(f"start: position embeddings {'2-D sine-cosine codes' if args.pos_init == 'sincos' else 'random'}, "
+            f"patch embedding {'whitened PCA of training patches' if args.patch_init == 'pca' else 'random'}")
     say(f"data {dataset}: {len(data.train)} train, {len(data.val) if data.val else 0} val, "
         f"{len(data.test)} test images, {len(data.classes)} classes; evaluating on {eval_name}")
     say(f"device {device}, precision {amp_dtype or 'fp32'}, {world} process(es), global batch "
