@@ -21,6 +21,7 @@ import argparse
 import copy
 import itertools
 import json
+import logging
 import math
 import os
 import signal
@@ -681,6 +682,10 @@ def run(args):
 
     # torch.compile and DDP wrap the model; `model` itself stays unwrapped, and is what we save.
     train_model = torch.compile(model) if args.compile else model
+    if args.compile and device.type == "cpu":
+        # A CUDA build of torch compiling for the CPU warns "No CUDA runtime is found" while it looks
+        # for its C++ tools: true, harmless, and confusing in a training log.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
