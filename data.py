@@ -228,10 +228,10 @@ def train_transform(augment="none", random_erasing=0.0):
 def crop_flip(images, padding=4, flip=True):
     """The standard CIFAR augmentation for a whole uint8 batch (B, C, H, W), on its own device.
 
-    Each image gets its own random crop of the image padded by `padding` pixels (mirror padding, as
-    in train_transform) and, with probability 1/2, a horizontal flip: the same as RandomCrop +
-    RandomHorizontalFlip applied image by image, but done with one gather for the batch instead of a
-    few small operations per image, which on two CPU cores cost more than the crop itself.
+    Each image gets its own random crop of the image padded by `padding` pixels (mirror padding) and,
+    with probability 1/2, a horizontal flip: the same as torchvision's RandomCrop(padding_mode=
+    "reflect") + RandomHorizontalFlip applied image by image, but done with one gather for the batch
+    instead of a few small operations per image, which on two CPU cores cost more than the crop itself.
     """
     if padding == 0 and not flip:
         return images

@@ -213,20 +213,6 @@ class TestData(unittest.TestCase):
         self.assertIn("--dataset folder --data-dir", out)
         self.assertNotIn("Traceback", out)
 
-    def test_presets_set_defaults_that_flags_override(self):
-        for name, preset in train.PRESETS.items():
-            args = train.parse_args(["--preset", name])
-            for k, v in preset.items():
-                self.assertEqual(getattr(args, k), v, (name, k))
-            self.assertIn(args.model, vit.MODELS)
-        args = train.parse_args(["--preset", "cifar10-best", "--epochs", "3", "--dataset", "fake"])
-        self.assertEqual((args.epochs, args.dataset, args.augment), (3, "fake", "autoaugment"))
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as e:
-            train.parse_args(["--preset", "cifar10-huge"])
-        self.assertEqual(e.exception.code, 2)
-        self.assertIn("invalid choice: 'cifar10-huge'", err.getvalue())
-
     def test_crop_flip_is_per_image_crop_of_mirror_padded_image_then_flip(self):
         # The batch version must do exactly what RandomCrop(padding, "reflect") + a flip do per image.
         for p, H, W in [(4, 32, 32), (2, 6, 9), (0, 5, 5)]:
@@ -626,6 +612,20 @@ class TestRecipe(unittest.TestCase):
             code, log = run_train(*self.SMALL, *flags, "--out", f"{tmp}/m.pt")
             self.assertEqual(code, 0, log)
             return torch.load(f"{tmp}/m.pt", weights_only=True), log
+
+    def test_presets_set_defaults_that_flags_override(self):
+        for name, preset in train.PRESETS.items():
+            args = train.parse_args(["--preset", name])
+            for k, v in preset.items():
+                self.assertEqual(getattr(args, k), v, (name, k))
+            self.assertIn(args.model, vit.MODELS)
+        args = train.parse_args(["--preset", "cifar10-best", "--epochs", "3", "--dataset", "fake"])
+        self.assertEqual((args.epochs, args.dataset, args.augment), (3, "fake", "autoaugment"))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as e:
+            train.parse_args(["--preset", "cifar10-huge"])
+        self.assertEqual(e.exception.code, 2)
+        self.assertIn("invalid choice: 'cifar10-huge'", err.getvalue())
 
     def test_augmentation_policies_and_erasing_change_images(self):
         split = datasets.fake_split(32, 16, 10, seed=0)

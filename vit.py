@@ -81,6 +81,11 @@ class ViTConfig:
     def mlp_dim(self):
         return round(self.dim * self.mlp_ratio)
 
+    @property
+    def stem_channels(self):
+        """Channels of the map the patches are cut from: the image's, or the hybrid stem's output."""
+        return max(self.dim // 2, 16) if self.stem == "conv" else self.in_channels
+
 
 # Named shapes. The CIFAR ones take 32x32 inputs with 4x4 patches (an 8x8 grid): 16x16 patches would
 # leave only 4 tokens. The last five are Table 1 of the paper at 224x224, named like torchvision's
@@ -198,17 +203,15 @@ class ViT(nn.Module):
         # the convolutional prior that a plain ViT must learn from data. The paper uses ResNet stages;
         # two 3x3 convolutions at full resolution are the smallest such map. It is not the default:
         # the plain ViT is what this project teaches.
-        stem_channels = cfg.in_channels
         self.stem = nn.Identity()
         if cfg.stem == "conv":
-            c = max(cfg.dim // 2, 16)
+            c = cfg.stem_channels
             self.stem = nn.Sequential(                 # (B, C, H, W) -> (B, c, H, W)
                 nn.Conv2d(cfg.in_channels, c // 2, 3, padding=1, bias=False), nn.BatchNorm2d(c // 2), nn.ReLU(),
                 nn.Conv2d(c // 2, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-            stem_channels = c
         # Eq. 1's "x_p E": flattening each PxP patch and multiplying by E (P*P*C, D) is exactly a
         # convolution whose kernel and stride are both P. The conv does it without copying patches out.
-        self.patch_embed = nn.Conv2d(stem_channels, cfg.dim, kernel_size=cfg.patch_size,
+        self.patch_embed = nn.Conv2d(cfg.stem_channels, cfg.dim, kernel_size=cfg.patch_size,
                                      stride=cfg.patch_size)
         # The class token is a learned extra token (as in BERT) whose final state summarises the image
         # for the head (Eq. 4). With pool="mean" there is none and the head sees the mean patch token.
@@ -326,14 +329,13 @@ def forward_flops(cfg):
     MLP's two D x M layers are linear in the number of tokens N; only q k^T and (attention) v grow
     with N^2. Training costs about 3x this: the backward pass is twice the forward.
     """
-    D, M, N, G = cfg.dim, cfg.mlp_dim, cfg.grid[0] * cfg.grid[1] + (cfg.pool == "cls"), cfg.grid[0] * cfg.grid[1]
+    D, M = cfg.dim, cfg.mlp_dim
+    G = cfg.grid[0] * cfg.grid[1]                                 # patches
+    N = G + (cfg.pool == "cls")                                   # tokens
     H, W = cfg.input_size
-    stem_c, stem = cfg.in_channels, 0
-    if cfg.stem == "conv":
-        c = max(D // 2, 16)
-        stem = H * W * 9 * (cfg.in_channels * (c // 2) + (c // 2) * c)
-        stem_c = c
-    macs = stem + G * D * stem_c * cfg.patch_size ** 2            # patch embedding (Eq. 1)
+    c = cfg.stem_channels
+    macs = H * W * 9 * (cfg.in_channels * (c // 2) + (c // 2) * c) if cfg.stem == "conv" else 0  # 3x3 convs
+    macs += G * D * c * cfg.patch_size ** 2                       # patch embedding (Eq. 1)
     macs += cfg.depth * (4 * N * D * D + 2 * N * N * D + 2 * N * D * M)   # Eq. 2 and 3, per block
     macs += D * cfg.num_classes                                   # head
     return 2 * macs
