@@ -671,7 +671,8 @@ class TestRecipe(unittest.TestCase):
         for flags in (("--mixup", 0.8), ("--cutmix", 1.0), ("--augment", "randaugment"),
                       ("--random-erasing", 0.5), ("--repeat-aug", 3), ("--label-smoothing", 0.3),
                       ("--drop-path", 0.2), ("--weight-decay", 0.5), ("--dropout", 0.2),
-                      ("--crop-padding", 4), ("--pos-init", "random"), ("--patch-init", "random")):
+                      ("--crop-padding", 4), ("--pos-init", "random"), ("--patch-init", "random"),
+                      ("--attn-init", "mimetic")):
             with self.subTest(flags=flags):
                 ckpt, _ = self.train_weights("--crop-padding", 0, "--no-flip", *flags)
                 diff = (ckpt["model"]["blocks.0.mlp.fc1.weight"] - base["model"]["blocks.0.mlp.fc1.weight"]).abs().max()
@@ -713,6 +714,34 @@ class TestRecipe(unittest.TestCase):
         torch.testing.assert_close(torch.cov(first.T), torch.eye(48), atol=2e-3, rtol=0)
         with self.assertRaisesRegex(ValueError, "patch stem"):
             vit.pca_patch_init(vit.build_model("cifar_tiny", stem="conv"), images)
+
+    def test_mimetic_attention_init_attends_to_neighbours(self):
+        model = vit.build_model("cifar_tiny", heads=3)                 # D 96, 3 heads of d 32
+        model.pos_embed.data.copy_(vit.sincos_pos_embed((8, 8), 96))
+        vit.mimetic_attention_init(model, generator=torch.Generator().manual_seed(0))
+        attn, D, d = model.blocks[0].attn, 96, 32
+        W_q, W_k, W_v = attn.qkv.weight.detach().view(3, D, D)
+        vo = attn.proj.weight.detach() @ W_v                           # (D, D), full rank
+        self.assertAlmostEqual(vo.diag().mean().item(), -0.4, delta=0.02)          # ~ -0.4 I
+        self.assertAlmostEqual((vo + 0.4 * torch.eye(D)).std().item(), 0.4 / D ** 0.5, delta=0.01)
+        for i in range(3):
+            qk = W_q[i * d:(i + 1) * d].T @ W_k[i * d:(i + 1) * d]     # (D, D), rank d
+            self.assertEqual(torch.linalg.matrix_rank(qk).item(), d)
+            off_diagonal = qk - torch.diag(qk.diag())
+            self.assertGreater(qk.diag().mean().item(), 4 * off_diagonal.abs().mean().item())  # ~ +I
+        # What it is for: a blank image leaves only the position embeddings, and the patch in row 3,
+        # column 3 then attends more to its neighbours than to the far corner, in every head.
+        with torch.no_grad():
+            _, maps = model(torch.zeros(1, 3, 32, 32), return_attention=True)
+        row = maps[0][0, :, 1 + 3 * 8 + 3, 1:].view(3, 8, 8)           # (h, 8, 8) over the patches
+        for near in ((3, 4), (4, 3), (2, 3)):
+            self.assertTrue((row[:, near[0], near[1]] > 2 * row[:, 7, 7]).all(), near)
+        torch.manual_seed(0)
+        plain = vit.build_model("cifar_tiny")                          # the random start: no such bias
+        plain.pos_embed.data.copy_(vit.sincos_pos_embed((8, 8), 96))
+        with torch.no_grad():
+            _, maps = plain(torch.zeros(1, 3, 32, 32), return_attention=True)
+        self.assertLess(maps[0][0, :, 1 + 3 * 8 + 3, 1:].max().item(), 0.05)   # about uniform, 1/65
 
     def test_conv_stem_is_the_hybrid(self):
         plain, hybrid = vit.build_model("cifar_tiny"), vit.build_model("cifar_tiny", stem="conv")

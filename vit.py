@@ -33,7 +33,7 @@ class ViTConfig:
     num_classes: int = 10
     dim: int = 96                 # D, the width the paper calls "Hidden size"
     depth: int = 6                # L, number of blocks ("Layers")
-    heads: int = 3                # h, attention heads; D must be a multiple of h
+    heads: int = 6                # h, attention heads; D must be a multiple of h
     mlp_ratio: float = 2.0        # M = D * mlp_ratio ("MLP size"; the paper uses 4)
     dropout: float = 0.0          # after the embeddings, inside the MLP and after attention
     attn_dropout: float = 0.0     # on the attention weights
@@ -92,7 +92,7 @@ class ViTConfig:
 # builders so that the fine-tuning code can find their weights by the same name.
 MODELS = {
     # the CPU default: trains in minutes per epoch on two laptop cores
-    "cifar_tiny": dict(dim=96, depth=6, heads=3, mlp_ratio=2.0),
+    "cifar_tiny": dict(dim=96, depth=6, heads=6, mlp_ratio=2.0),
     # the plain-ViT baseline of Lee et al. 2021 ("ViT for Small-Size Datasets"), about 2.7M parameters
     "cifar_small": dict(dim=192, depth=9, heads=12, mlp_ratio=2.0),
     # wider and deeper, for a GPU and a long schedule, about 9.5M parameters
@@ -469,3 +469,49 @@ def pca_patch_init(model, images, eps=1e-2):
     filters = torch.cat([white, -white]).repeat(D // (2 * len(white)) + 1, 1)[:D]   # (D, C*P*P)
     model.patch_embed.weight.copy_(filters.view_as(model.patch_embed.weight))
     model.patch_embed.bias.copy_(-(filters @ mean))              # centred: a mean patch embeds to 0
+
+
+@torch.no_grad()
+def mimetic_attention_init(model, qk=(0.7, 0.7), vo=(0.4, 0.4), generator=None):
+    """Start every attention layer where trained ones end up (Trockman & Kolter 2023, "Mimetic
+    Initialization of Self-Attention Layers").
+
+    In trained ViTs the query and key weights of a head multiply to roughly +identity, W_q^T W_k ~ I,
+    and the value and output weights of a layer to roughly -identity, W_o W_v ~ -I. With W_q^T W_k = I
+    the attention logit of tokens i and j is (x_i . x_j)/sqrt(d): each token attends to the tokens
+    most like itself, and through the position embeddings (2-D codes, see above) that means its
+    spatial neighbours. So the model starts out mixing nearby patches, the locality that a CNN is
+    built with and that a ViT otherwise has to learn from data.
+
+    qk = (alpha, beta): each head's W_q^T W_k is the best rank-d fit of alpha*Z + beta*I, with Z a
+    random (D, D) matrix of variance 1/D, found with an SVD and split between W_q and W_k. vo: the
+    same for the whole layer's W_o W_v, full rank, with -beta*I. The biases stay zero. The values
+    are the paper's for ViT-Tiny.
+    """
+    D, h = model.cfg.dim, model.cfg.heads
+    d = D // h
+
+    def factors(target, rank):
+        # target ~ A @ B with A (D, rank) and B (rank, D): the SVD's best rank-`rank` fit, its
+        # singular values shared evenly between the two factors.
+        U, S, Vh = torch.linalg.svd(target)
+        root = S[:rank].sqrt()
+        return U[:, :rank] * root, root[:, None] * Vh[:rank]      # (D, rank), (rank, D)
+
+    def noisy_identity(alpha, beta, sign):
+        Z = torch.randn(D, D, generator=generator) / math.sqrt(D)  # entries of variance 1/D
+        return alpha * Z + sign * beta * torch.eye(D)              # (D, D)
+
+    for block in model.blocks:
+        attn = block.attn
+        W_q, W_k, W_v = attn.qkv.weight.view(3, D, D)   # each (D_out, D_in); head i owns rows i*d:(i+1)*d
+        for i in range(h):
+            A, B = factors(noisy_identity(*qk, +1), d)  # W_q_i^T W_k_i = A @ B
+            W_q[i * d:(i + 1) * d] = A.T                # (d, D)
+            W_k[i * d:(i + 1) * d] = B                  # (d, D)
+        A, B = factors(noisy_identity(*vo, -1), D)      # W_o W_v = A @ B
+        attn.proj.weight.copy_(A)                       # (D, D)
+        W_v.copy_(B)                                    # (D, D)
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.zero_()
+        attn.proj.bias.zero_()
