@@ -33,7 +33,7 @@ class ViTConfig:
     num_classes: int = 10
     dim: int = 96                 # D, the width the paper calls "Hidden size"
     depth: int = 6                # L, number of blocks ("Layers")
-    heads: int = 6                # h, attention heads; D must be a multiple of h
+    heads: int = 3                # h, attention heads; D must be a multiple of h
     mlp_ratio: float = 2.0        # M = D * mlp_ratio ("MLP size"; the paper uses 4)
     dropout: float = 0.0          # after the embeddings, inside the MLP and after attention
     attn_dropout: float = 0.0     # on the attention weights
@@ -92,7 +92,7 @@ class ViTConfig:
 # builders so that the fine-tuning code can find their weights by the same name.
 MODELS = {
     # the CPU default: trains in minutes per epoch on two laptop cores
-    "cifar_tiny": dict(dim=96, depth=6, heads=6, mlp_ratio=2.0),
+    "cifar_tiny": dict(dim=96, depth=6, heads=3, mlp_ratio=2.0),
     # the plain-ViT baseline of Lee et al. 2021 ("ViT for Small-Size Datasets"), about 2.7M parameters
     "cifar_small": dict(dim=192, depth=9, heads=12, mlp_ratio=2.0),
     # wider and deeper, for a GPU and a long schedule, about 9.5M parameters
