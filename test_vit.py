@@ -445,6 +445,7 @@ class TestReliability(unittest.TestCase):
                      (("--device", "cuda:7"), 2, "--device cuda:7"),
                      (("--device", "banana"), 2, "not a device name"),
                      (("--batch-size", 0), 2, "--batch-size 0 must be positive"),
+                     (("--pretrained", good, "--attn-init", "mimetic"), 2, "with --pretrained every weight"),
                      (("--val-split", 1.5), 1, "--val-split is a fraction")]
             for argv, want_code, words in cases:
                 with self.subTest(argv=argv):

@@ -950,6 +950,9 @@ def check_args(args, world):
             or not 0 <= args.random_erasing <= 1:
         raise ValueError("--ema must be in [0, 1), --repeat-aug at least 1, --mixup and --cutmix not "
                          "negative, --random-erasing a probability")
+    if args.pretrained and not args.resume and (args.patch_init or args.attn_init != "random"):
+        raise ValueError("--patch-init and --attn-init choose where training from scratch starts; "
+                         "with --pretrained every weight starts from the pretrained model")
     if args.head_only and not args.pretrained and not args.resume:
         raise ValueError("--head-only trains only the head of a pretrained model: add --pretrained")
 
