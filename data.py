@@ -320,11 +320,16 @@ def normalize(images, mean, std, size=None):
     """uint8 (B, C, H, W) on any device -> float32 (B, C, *size), zero mean and unit variance.
 
     Done on the device, after the bytes have been copied there. `size` (height, width) resizes the
-    batch to the model's input, e.g. 32x32 CIFAR images for a model fine-tuned at 224x224.
+    batch to the model's input, e.g. 32x32 CIFAR images for a model fine-tuned at 224x224, or 32x32
+    ones to 16x16 for the first epochs of train.py --low-res.
     """
     x = images.float().div_(255)
     if size is not None and tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        # Shrinking averages the pixels that each output pixel covers ("area"), so fine detail
+        # blurs instead of aliasing into stripes; growing interpolates between neighbours.
+        shrink = size[0] <= x.shape[-2] and size[1] <= x.shape[-1]
+        x = F.interpolate(x, size=tuple(size), mode="area" if shrink else "bilinear",
+                          align_corners=None if shrink else False)
     # as_tensor copies nothing when mean and std already are tensors on this device (train.py makes
     # them once): a copy from a Python list every step would make the CPU wait for the GPU each time.
     mean = torch.as_tensor(mean, device=x.device).view(1, -1, 1, 1)   # (1, C, 1, 1): broadcasts
