@@ -460,8 +460,9 @@ def pca_patch_init(model, images, eps=1e-2):
     patch's mean colour or a faint texture. A patch has only C*P*P = 48 numbers and the model is
     usually wider (96 for cifar_tiny), so the remaining filters start as the negatives of the first
     ones, at the same scale; training then moves all of them apart. Measured on the CIFAR-10 JPEG
-    copy (README): 2.3 and 3.5 points more than two runs of the random start after 2 epochs. (Whitened first layers
-    make CNNs learn faster on CIFAR too, e.g. Keller Jordan's airbench, which also uses +/- pairs.)
+    copy (README): 2.3 and 3.5 points more than two runs of the random start after 2 epochs.
+    (Whitened first layers make CNNs learn faster on CIFAR too, e.g. Keller Jordan's airbench, which
+    also uses +/- pairs.)
     """
     if model.cfg.stem != "patch":
         raise ValueError("--patch-init pca needs the plain patch stem (--stem patch)")
