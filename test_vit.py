@@ -280,6 +280,9 @@ class TestTraining(unittest.TestCase):
             last = log.strip().splitlines()[-1]
             self.assertIn("test accuracy", last)
             self.assertIn(f"{100 * lines[-1]['eval_acc']:.2f}%", last)   # the same model, read back
+            code, log = run_train("--eval-only", "--ckpt", out, "--tta")
+            self.assertEqual(code, 0, log)
+            self.assertIn("each with its mirror image (--tta)", log)
 
     def test_bad_input_is_one_sentence(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -308,7 +311,7 @@ class TestTraining(unittest.TestCase):
         for flag in ("--dataset", "--data-dir", "--model", "--epochs", "--batch-size", "--lr",
                      "--weight-decay", "--warmup-epochs", "--label-smoothing", "--device", "--workers",
                      "--seed", "--out", "--image-size", "--patch-size", "--dim", "--depth", "--heads",
-                     "--mlp-ratio", "--val-split", "--eval-only", "--ckpt", "--compile"):
+                     "--mlp-ratio", "--val-split", "--eval-only", "--ckpt", "--compile", "--tta"):
             self.assertIn(flag, out.getvalue())
 
 
@@ -711,6 +714,22 @@ class TestRecipe(unittest.TestCase):
             code, log = run_train(*self.SMALL, *flags)
             self.assertEqual(code, 2)
             self.assertIn(message, log)
+
+    def test_tta_averages_an_image_and_its_mirror(self):
+        torch.manual_seed(0)
+        model = vit.build_model("cifar_tiny", image_size=16, depth=1).eval()
+        torch.nn.init.normal_(model.head.weight, std=0.5)   # the zero head would say 1/K for any image
+        split = datasets.fake_split(40, 16, 10, seed=0)
+        ctx = dict(device=torch.device("cpu"), rank=0, world=1, input_size=(16, 16),
+                   mean=[0.5] * 3, std=[0.25] * 3, autocast=contextlib.nullcontext)
+        plain = train.evaluate(model, split, ctx, batch_size=16)
+        tta = train.evaluate(model, split, dict(ctx, tta=True), batch_size=16)
+        with torch.no_grad():                   # the same by hand, in one batch
+            x = datasets.normalize(split.images, ctx["mean"], ctx["std"])
+            probs = (model(x).softmax(1) + model(x.flip(-1)).softmax(1)) / 2        # (B, K)
+        self.assertAlmostEqual(tta[0], F.nll_loss(probs.log(), split.labels).item(), places=5)
+        self.assertAlmostEqual(tta[1], (probs.argmax(1) == split.labels).float().mean().item(), places=6)
+        self.assertNotAlmostEqual(plain[0], tta[0], places=4)   # the flag changes the evaluation
 
     def test_ema_is_evaluated_and_saved(self):
         ckpt, log = self.train_weights("--ema", 0.9)

@@ -180,6 +180,8 @@ def get_parser():
     a("--benchmark", action="store_true", help="measure speed instead of training: training "
       "images/s, the data loader and the model alone, and FLOP/s against the device's peak")
     a("--ckpt", help="checkpoint to evaluate with --eval-only")
+    a("--tta", action="store_true", help="evaluate each image and its mirror image and average their "
+      "class probabilities (test-time augmentation; twice the evaluation time; default: off)")
     return p
 
 
@@ -561,9 +563,16 @@ def evaluate(model, split, ctx, batch_size=500):
         labels = split.labels[s:s + batch_size].to(device, non_blocking=True)
         x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["input_size"])
         with ctx["autocast"]():
-            logits = model(x)                                              # (B, K)
+            logits = model(x).float()                                      # (B, K)
+            if ctx.get("tta"):
+                # The model was trained on mirrored images too, so the mirror is a second, equally
+                # valid look at the same image; averaging the two probabilities is a small ensemble.
+                # The log of the average stands in for the logits: its softmax is that average.
+                flipped = model(x.flip(-1)).float()                         # (B, K)
+                probs = (logits.softmax(1) + flipped.softmax(1)) / 2
+                logits = probs.clamp_min(1e-30).log()   # an underflow to 0 must not give log 0
         # Plain cross-entropy, without label smoothing: the number people compare across papers.
-        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum")
         sums[1] += (logits.argmax(1) == labels).sum()
         sums[2] += len(labels)
     sums = reduce_sum(sums)
@@ -743,7 +752,7 @@ def run(args):
                mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device),
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
                grad_accum=args.grad_accum, prefix="", stop=StopRequest(), ema=ema, raw_model=model,
-               crop_flip=(args.crop_padding, not args.no_flip),
+               crop_flip=(args.crop_padding, not args.no_flip), tta=args.tta,
                mixer=datasets.batch_mixer(cfg.num_classes, args.mixup, args.cutmix))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -1018,11 +1027,11 @@ def run_eval_only(args):
     amp_dtype = pick_precision(args.precision, device)
     ctx = dict(device=device, rank=0, world=1, input_size=cfg.input_size,
                mean=info.get("mean", data.mean), std=info.get("std", data.std),
-               autocast=autocast_for(device, amp_dtype))
+               autocast=autocast_for(device, amp_dtype), tta=args.tta)
     loss, acc = evaluate(model, data.test, ctx)
     print(f"{args.ckpt}: {num_params(model) / 1e6:.2f}M parameters, trained {ckpt.get('epoch', '?')} "
           f"epochs on {info.get('dataset', '?')}; evaluated on {len(data.test)} {dataset} test images "
-          f"at {cfg.image_size}x{cfg.image_size}")
+          f"at {cfg.image_size}x{cfg.image_size}{', each with its mirror image (--tta)' if args.tta else ''}")
     print(f"test loss {loss:.4f}  test accuracy {100 * acc:.2f}%")
     return 0
 

@@ -269,8 +269,9 @@ class Plot:
 
 
 class Visualizer:
-    def __init__(self, model, ckpt, images, labels, classes, mean, std, out_dir, args):
+    def __init__(self, model, ckpt, images, labels, classes, mean, std, out_dir, args, many=None):
         self.model, self.ckpt, self.images, self.labels = model, ckpt, images, labels
+        self.many = images if many is None else many    # (M, C, H, W): for averages over many images
         self.classes, self.mean, self.std, self.out, self.args = classes, mean, std, out_dir, args
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
@@ -350,8 +351,15 @@ class Visualizer:
                   "position embedding of the patch at row i, column j with all others (Fig. 7, "
                   "centre); a learned 2-D grid shows as row and column stripes")
 
-        _, maps = self.forward(self.images)
-        dists = [mean_attention_distance(a, self.cfg.grid, self.cfg.patch_size) for a in maps]
+        # The mean over many images (up to 256 test images, or the user's own): with only the few
+        # shown elsewhere, a head's distance depends on which images were drawn. In chunks, so that
+        # a large model's maps (B, h, N, N) for every layer never have to fit in memory at once.
+        sums = 0
+        for chunk in self.many.split(32):
+            _, maps = self.forward(chunk)
+            sums = sums + torch.stack([mean_attention_distance(a, self.cfg.grid, self.cfg.patch_size)
+                                       for a in maps]) * len(chunk)             # (depth, h)
+        dists = sums / len(self.many)                                             # (depth, h)
         xs = [l + 1 for l, d in enumerate(dists) for _ in d]
         ys = [v for d in dists for v in d.tolist()]
         p = Plot(xs, ys, "mean attention distance per head", "network depth (layer)", "pixels",
@@ -363,8 +371,11 @@ class Visualizer:
         p.points(xs, ys, PALETTE[0], "one head")
         p.line(range(1, len(dists) + 1), [d.mean().item() for d in dists], PALETTE[3], "mean of heads")
         self.save(p.finish("bottom"), "figure7_attention_distance.png", "how far each head looks, in pixels, "
-                  "against depth (Fig. 7, right); grey: attention spread evenly over all patches. In a "
-                  "well-trained ViT some early heads look near, and late ones far")
+                  f"against depth, averaged over {len(self.many)} images (Fig. 7, right); grey: attention "
+                  "spread evenly over all patches. In a well-trained ViT some early heads look near, "
+                  "and late ones far. Mean of the heads, layer by layer: "
+                  + ", ".join(f"{d:.1f}" for d in dists.mean(1).tolist())
+                  + f" (even spread: {uniform:.1f})")
 
     def curves(self):
         hist = self.ckpt.get("metrics", [])
@@ -564,9 +575,12 @@ def run(args):
         labels = None
     else:
         g = torch.Generator().manual_seed(args.seed)
-        pick = torch.randperm(len(data.test), generator=g)[:args.num_images]
-        images, labels = data.test.images[pick], data.test.labels[pick].tolist()
-    v = Visualizer(model, ckpt, images, labels, classes, mean, std, out, args)
+        pick = torch.randperm(len(data.test), generator=g)
+        shown = pick[:args.num_images]
+        images, labels = data.test.images[shown], data.test.labels[shown].tolist()
+        many = data.test.images[pick[:max(256, args.num_images)]]   # for Figure 7's distances
+    v = Visualizer(model, ckpt, images, labels, classes, mean, std, out, args,
+                   many=None if args.images else many)
     print(f"{args.ckpt}: {cfg.depth} layers, {cfg.heads} heads, {cfg.grid[0]}x{cfg.grid[1]} patches, "
           f"trained {ckpt.get('epoch', '?')} epochs on {info.get('dataset', '?')}; pictures in {out}/")
     if not v.has_cls:
