@@ -565,8 +565,9 @@ def evaluate(model, split, ctx, batch_size=500):
         with ctx["autocast"]():
             logits = model(x).float()                                      # (B, K)
             if ctx.get("tta"):
-                # The model was trained on mirrored images too, so the mirror is a second, equally
-                # valid look at the same image; averaging the two probabilities is a small ensemble.
+                # Trained with flips (the default), the model has seen mirror images as the same
+                # class, so the mirror is a second look at the image; averaging the two
+                # probabilities is an ensemble of two views for the price of one model.
                 # The log of the average stands in for the logits: its softmax is that average.
                 flipped = model(x.flip(-1)).float()                         # (B, K)
                 probs = (logits.softmax(1) + flipped.softmax(1)) / 2
@@ -830,7 +831,7 @@ def run(args):
             history.append(record)
             say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc "
                 f"{100 * train_acc:5.2f}%  {eval_name} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
-                f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s {at} "
+                f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
                 f"{format_time(record['elapsed_s'])}")
             if is_main:
                 ckpt = checkpoint()
