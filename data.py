@@ -26,11 +26,21 @@ Letters in shape comments: N images, C channels, H/W height/width, B batch.
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
+
+# torchvision's JPEG decoder (read_image). torchvision 0.29 deprecates it in favour of TorchCodec,
+# another dependency, and warns on import; when a later version drops it, PIL reads JPEGs instead.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    except ImportError:
+        decode_jpeg = None
 
 DATASETS = ("cifar10", "cifar100", "folder", "fake")
 
@@ -161,9 +171,17 @@ def _read_folder(split_dir, classes, image_size):
 def read_image(path, size=None):
     """Any image file -> (3, H, W) uint8 RGB, resized to size x size if given and different.
 
-    PIL converts every mode it knows (grayscale, palette, RGBA, CMYK) to RGB; 16-bit grayscale is
-    scaled down to 8 bits first, since PIL's own conversion would clip it to white.
+    JPEGs, the usual case, go to torchvision's decoder, which turns bytes straight into a tensor:
+    the same pixels as PIL (checked on the CIFAR-10 JPEG copy) in under half the time, a few seconds
+    saved on every start with 60,000 files. Everything else, and any JPEG that decoder refuses, goes
+    through PIL, which converts every mode it knows (grayscale, palette, RGBA, CMYK) to RGB; 16-bit
+    grayscale is scaled down to 8 bits first, since PIL's own conversion would clip it to white.
     """
+    if decode_jpeg is not None and size is None and path.lower().endswith((".jpg", ".jpeg")):
+        try:
+            return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)      # (3, H, W) uint8
+        except RuntimeError:
+            pass                                  # PIL reads it, or says why it can't
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:

@@ -252,12 +252,73 @@ class TestTraining(unittest.TestCase):
 
     def test_weight_decay_skips_norms_biases_and_embeddings(self):
         model = ViT(ViTConfig(**TINY))
-        opt = train.make_optimizer(model, 1e-3, 0.05, torch.device("cpu"))
-        decayed = {id(p) for p in opt.param_groups[0]["params"]}
-        names = {n for n, p in model.named_parameters() if id(p) in decayed}
-        self.assertIn("blocks.0.attn.qkv.weight", names)
-        for n in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"):
-            self.assertNotIn(n, names)
+        for name in ("muon", "adamw", "sgd"):
+            opt = train.make_optimizer(model, 1e-3, 0.05, torch.device("cpu"), name)
+            decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+            names = {n for n, p in model.named_parameters() if id(p) in decayed}
+            self.assertIn("blocks.0.attn.qkv.weight", names)
+            self.assertIn("patch_embed.weight", names)
+            for n in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"):
+                self.assertNotIn(n, names)
+            self.assertEqual(sum(len(g["params"]) for g in opt.param_groups), len(list(model.parameters())))
+
+    def test_orthogonalize_sets_singular_values_near_one(self):
+        torch.manual_seed(0)
+        for shape in ((4, 24, 72), (3, 48, 16), (2, 32, 32)):          # wide, tall, square
+            # G = U S V^T with its singular values spread 30-fold
+            k = min(shape[1:])
+            U = torch.linalg.qr(torch.randn(shape[0], shape[1], k)).Q
+            V = torch.linalg.qr(torch.randn(shape[0], shape[2], k)).Q
+            G = U @ torch.diag(torch.logspace(0, -1.5, k)) @ V.mT
+            O = train.orthogonalize(G)
+            self.assertEqual(O.shape, G.shape)
+            s = torch.linalg.svdvals(O)
+            self.assertGreater(s.min().item(), 0.6, shape)
+            self.assertLess(s.max().item(), 1.25, shape)
+
+    def test_muon_steps_the_blocks_matrices_and_adamw_the_rest(self):
+        # One step from zero momentum: a block matrix moves by lr * 0.2 sqrt(max(m, n)) times an
+        # orthogonalised gradient, so all singular values of its change are about equal; AdamW's first
+        # step moves every entry by about lr (its update is m / sqrt(v) = the gradient's sign).
+        torch.manual_seed(0)
+        model = ViT(ViTConfig(**TINY))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = train.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), "muon")
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        after = dict(model.named_parameters())
+        w = "blocks.0.mlp.fc1.weight"
+        m, n = before[w].shape
+        s = torch.linalg.svdvals((before[w] - after[w].detach()) / (1e-2 * 0.2 * max(m, n) ** 0.5))
+        self.assertGreater(s.min().item(), 0.6)
+        self.assertLess(s.max().item(), 1.25)
+        for name in ("patch_embed.weight", "head.weight", "pos_embed", "blocks.0.attn.qkv.bias"):
+            step = (before[name] - after[name].detach()).abs()
+            self.assertAlmostEqual(step.mean().item(), 1e-2, delta=1e-4, msg=name)
+        state = opt.state_dict()                                          # and it checkpoints
+        opt2 = train.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), "muon")
+        opt2.load_state_dict(state)
+        self.assertTrue(torch.equal(opt2.optimizers[0].state[after[w]]["momentum"],
+                                    opt.optimizers[0].state[after[w]]["momentum"]))
+
+    @unittest.skipUnless(hasattr(torch.optim, "Muon"), "torch.optim.Muon came in PyTorch 2.9")
+    def test_muon_matches_pytorchs(self):
+        torch.manual_seed(0)
+        a = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in ((48, 16), (16, 48), (48, 16))]
+        b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+        start = [p.detach().clone() for p in a]
+        ours = train.Muon(a, lr=1e-2, weight_decay=0.05)
+        theirs = torch.optim.Muon(b, lr=1e-2, weight_decay=0.05, adjust_lr_fn="match_rms_adamw")
+        for _ in range(3):
+            g = [torch.randn_like(p) for p in a]
+            for p, q, gi in zip(a, b, g):
+                p.grad, q.grad = gi.clone(), gi.clone()
+            ours.step()
+            theirs.step()
+        for p, q, p0 in zip(a, b, start):   # theirs orthogonalises in bfloat16, ours in float32
+            self.assertGreater((p - p0).abs().max().item(), 0.01)      # they moved, and alike
+            torch.testing.assert_close(p, q, atol=5e-4, rtol=0)
 
     def test_train_then_eval_only(self):
         with tempfile.TemporaryDirectory() as tmp:
@@ -681,7 +742,8 @@ class TestRecipe(unittest.TestCase):
                       ("--random-erasing", 0.5), ("--repeat-aug", 3), ("--label-smoothing", 0.3),
                       ("--drop-path", 0.2), ("--weight-decay", 0.5), ("--dropout", 0.2),
                       ("--crop-padding", 4), ("--pos-init", "random"), ("--patch-init", "random"),
-                      ("--attn-init", "random"), ("--low-res", 16, "--low-res-epochs", 1)):
+                      ("--attn-init", "random"), ("--low-res", 16, "--low-res-epochs", 1),
+                      ("--optimizer", "adamw")):
             with self.subTest(flags=flags):
                 ckpt, _ = self.train_weights("--crop-padding", 0, "--no-flip", *flags)
                 diff = (ckpt["model"]["blocks.0.mlp.fc1.weight"] - base["model"]["blocks.0.mlp.fc1.weight"]).abs().max()
