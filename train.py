@@ -411,7 +411,8 @@ def orthogonalize(G, steps=5):
     X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)   # Frobenius >= largest singular value
     for _ in range(steps):
         A = X @ X.mT                                              # (L, r, r)
-        X = a * X + (b * A + c * A @ A) @ X                       # (L, r, k)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)               # b A + c A A, in one call
+        X = torch.baddbmm(X, B, X, beta=a)                        # a X + B X: (L, r, k)
     return X if wide else X.mT
 
 
@@ -434,21 +435,27 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            same_shape = {}                   # matrices of one shape are orthogonalised together
+            # Matrices of one shape are orthogonalised together, in one batched matmul per step of
+            # the iteration: a small ViT has dozens of small matrices, and on a CPU each call costs
+            # more than its arithmetic. (A tall matrix is orthogonalised as its transpose anyway, so
+            # the MLP's D x 2D and 2D x D matrices form one group.)
+            same_shape = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    same_shape.setdefault(p.shape, []).append(p)
-            for (m, n), params in same_shape.items():
-                grads, bufs = [p.grad for p in params], []
-                for p in params:
-                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                    buf.mul_(mu).add_(p.grad)
-                    bufs.append(buf)
-                # Nesterov: step from where the momentum is about to take us.
-                update = orthogonalize(torch.stack(grads) + mu * torch.stack(bufs))   # (L, m, n)
-                for p, u in zip(params, update):
-                    p.mul_(1 - lr * wd)       # decoupled weight decay, as in AdamW
-                    p.add_(u, alpha=-lr * 0.2 * max(m, n) ** 0.5)
+                    same_shape.setdefault((min(p.shape), max(p.shape)), []).append(p)
+            for (r, k), params in same_shape.items():
+                flip = [p.size(0) > p.size(1) for p in params]        # tall: work on the transpose
+                bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_mul_(bufs, mu)                         # the momentum of all of them,
+                torch._foreach_add_(bufs, grads)                      # in two calls
+                # Nesterov: step from where the momentum is about to take us, g + mu m.
+                ahead = torch._foreach_add(grads, bufs, alpha=mu)
+                stack = torch.stack([u.mT if f else u for u, f in zip(ahead, flip)])   # (L, r, k)
+                update = orthogonalize(stack).unbind(0)
+                update = [u.mT if f else u for u, f in zip(update, flip)]
+                torch._foreach_mul_(params, 1 - lr * wd)              # decoupled weight decay, as AdamW
+                torch._foreach_add_(params, update, alpha=-lr * 0.2 * k ** 0.5)
 
 
 class Optimizers:
