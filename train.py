@@ -391,7 +391,7 @@ def make_optimizer(model, lr, weight_decay, device, name="muon"):
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     # The fused kernel updates all parameters in a few launches instead of several per tensor.
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
-    if name == "adamw":
+    if name == "adamw" or not hidden:         # (none when only the head trains, --head-only)
         return adamw
     return Optimizers(Muon(hidden, lr=lr, weight_decay=weight_decay), adamw)
 
