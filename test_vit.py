@@ -505,6 +505,8 @@ class TestReliability(unittest.TestCase):
             cases = [(("--eval-only", "--ckpt", truncated), 1, "could not be read"),
                      (("--eval-only", "--ckpt", foreign), 1, "not a checkpoint of this project"),
                      (("--resume", good, "--dim", 64), 1, "different model than asked for: --dim 64"),
+                     (("--resume", good, "--epochs", 2, "--optimizer", "adamw"), 1,
+                      "does not fit --optimizer adamw"),
                      (("--dim", -4), 2, "dim must be positive"),
                      (("--device", "cuda:7"), 2, "--device cuda:7"),
                      (("--device", "banana"), 2, "not a device name"),

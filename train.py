@@ -815,7 +815,12 @@ def run(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step, history = 0, []
     if resume:
-        optimizer.load_state_dict(resume["optimizer"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except (ValueError, KeyError, IndexError):
+            raise CheckpointError(f"the optimizer state in {args.resume} does not fit --optimizer "
+                                  f"{args.optimizer}; resume with the run's own optimizer (drop "
+                                  f"--optimizer)") from None
         scaler.load_state_dict(resume["scaler"])
         step, history = resume["step"], resume["metrics"]
         torch.set_rng_state(resume["rng"]["cpu"])
