@@ -172,8 +172,8 @@ def read_image(path, size=None):
     """Any image file -> (3, H, W) uint8 RGB, resized to size x size if given and different.
 
     JPEGs, the usual case, go to torchvision's decoder, which turns bytes straight into a tensor:
-    the same pixels as PIL (checked on the CIFAR-10 JPEG copy) in under half the time, a few seconds
-    saved on every start with 60,000 files. Everything else, and any JPEG that decoder refuses, goes
+    the same pixels as PIL (checked on all of the CIFAR-10 JPEG copy) in under half the time
+    (measured: 56-103 against 187-206 us per CIFAR image). Everything else, and any JPEG that decoder refuses, goes
     through PIL, which converts every mode it knows (grayscale, palette, RGBA, CMYK) to RGB; 16-bit
     grayscale is scaled down to 8 bits first, since PIL's own conversion would clip it to white.
     """

@@ -10,10 +10,11 @@
 From scratch, the loop is the paper's pre-training recipe (Sec. 4.1, Appendix B.1) scaled down to
 CIFAR: linear warmup then cosine decay of the learning rate, updated every step; label smoothing;
 gradient clipping at global norm 1. One change, measured: the blocks' weight matrices learn with
-Muon instead of the paper's AdamW (`Muon` below; --optimizer adamw gives the paper's back). Fine-tuning (--pretrained) follows the paper's
-fine-tuning recipe instead (SGD with momentum, Table 4). Each epoch writes `model.pt` (everything
-needed to rebuild the model or to continue training), keeps the best one as `model.best.pt`, and
-appends one JSON line to `model.metrics.jsonl`. Ctrl-C saves and tells how to resume.
+Muon instead of the paper's AdamW (`Muon` below; --optimizer adamw gives the paper's back).
+Fine-tuning (--pretrained) follows the paper's fine-tuning recipe instead (SGD with momentum,
+Table 4). Each epoch writes `model.pt` (everything needed to rebuild the model or to continue
+training), keeps the best one as `model.best.pt`, and appends one JSON line to
+`model.metrics.jsonl`. Ctrl-C saves and tells how to resume.
 
 Letters in shape comments: B batch, C channels, H/W image size, K classes.
 """
