@@ -3,7 +3,8 @@
 CIFAR-sized data is small (50,000 x 3 x 32 x 32 bytes = 150 MB), so we decode each file once into one
 uint8 tensor and never touch the disk or a JPEG decoder again. Two CPU cores then spend their time
 training instead of decoding, and a batch travels to the GPU as bytes (4x less than float32) and is
-turned into normalised floats there (`normalize`).
+turned into normalised floats there (`normalize`). An image folder's decoded tensor is also saved next
+to its images, so that the next start skips the decoding too.
 
 Datasets (`--dataset`):
     cifar10, cifar100   torchvision's copies, downloaded into --data-dir (default ./data)
@@ -24,6 +25,7 @@ Stronger options for longer runs, all off by default: augmentation policies and 
 Letters in shape comments: N images, C channels, H/W height/width, B batch.
 """
 
+import hashlib
 import math
 import os
 import warnings
@@ -31,16 +33,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
-# torchvision's JPEG decoder (read_image). torchvision 0.29 deprecates it in favour of TorchCodec,
-# another dependency, and warns on import; when a later version drops it, PIL reads JPEGs instead.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
-    except ImportError:
-        decode_jpeg = None
+# torchvision is imported inside the functions that use it: importing it takes about a second (as
+# long as torch itself), which a start that reads its images from the decoded cache doesn't need.
 
 DATASETS = ("cifar10", "cifar100", "folder", "fake")
 
@@ -145,25 +140,56 @@ def _image_folder(root, image_size):
 
 
 def _read_folder(split_dir, classes, image_size):
-    images, labels, size = [], [], None
+    names, labels = [], []                            # names relative to split_dir: "cat/0001.jpg"
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
-        files = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
+        found = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
             if os.path.isdir(class_dir) else []
-        for f in files:
-            # If the images differ in size, or are larger than the model's input, all are resized to
-            # image_size below, so that they fit one tensor; otherwise they are kept as they are.
-            x = read_image(os.path.join(class_dir, f))
-            if size is None:
-                size = x.shape
-            elif size != "mixed" and x.shape != size:
-                size = "mixed"
-            images.append(x)
-            labels.append(label)
-    if not images:
+        names += [f"{name}/{f}" for f in found]
+        labels += [label] * len(found)
+    files = [os.path.join(split_dir, n) for n in names]
+    if not files:
         raise DataError(f"no images found in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         f"files in one sub-folder per class: {', '.join(classes[:5])}...)")
+    # Decoding 60,000 small JPEGs takes about 5 s on two CPU cores, every start. So the decoded tensor is
+    # kept next to the images, and reused while every file's name, size and modification time (and
+    # the image size asked for) are what they were; any change decodes again.
+    fingerprint = hashlib.sha1(f"{image_size}".encode())
+    for n, f in zip(names, files):
+        st = os.stat(f)
+        fingerprint.update(f"\n{n} {st.st_size} {st.st_mtime_ns}".encode())
+    cache = os.path.join(split_dir, f".decoded-{image_size}px.pt")
+    try:
+        saved = torch.load(cache, weights_only=True)
+        if saved["fingerprint"] == fingerprint.hexdigest():
+            return Split(saved["images"], saved["labels"])
+    except Exception:       # none yet, or unreadable (a half-written file, another torch): decode
+        pass
+    split = _decode_files(files, labels, image_size)
+    tmp = f"{cache}.{os.getpid()}.tmp"       # written aside, then renamed: never half a cache
+    try:
+        torch.save({"fingerprint": fingerprint.hexdigest(), "images": split.images,
+                    "labels": split.labels}, tmp)
+        os.replace(tmp, cache)
+    except (OSError, RuntimeError):         # a read-only folder or a full disk: the next start decodes
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return split
+
+
+def _decode_files(files, labels, image_size):
+    images, size = [], None
+    for f in files:
+        # If the images differ in size, or are larger than the model's input, all are resized to
+        # image_size below, so that they fit one tensor; otherwise they are kept as they are.
+        x = read_image(f)
+        if size is None:
+            size = x.shape
+        elif size != "mixed" and x.shape != size:
+            size = "mixed"
+        images.append(x)
     if size == "mixed" or size[-1] > image_size:   # never hold more pixels than the model takes
+        from torchvision.transforms import v2
         images = [v2.functional.resize(x, [image_size, image_size], antialias=True) for x in images]
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
 
@@ -177,11 +203,16 @@ def read_image(path, size=None):
     through PIL, which converts every mode it knows (grayscale, palette, RGBA, CMYK) to RGB; 16-bit
     grayscale is scaled down to 8 bits first, since PIL's own conversion would clip it to white.
     """
-    if decode_jpeg is not None and size is None and path.lower().endswith((".jpg", ".jpeg")):
-        try:
-            return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)      # (3, H, W) uint8
-        except RuntimeError:
-            pass                                  # PIL reads it, or says why it can't
+    if size is None and path.lower().endswith((".jpg", ".jpeg")):
+        # torchvision 0.29 deprecates its decoder in favour of TorchCodec, another dependency, and
+        # warns on every call; when a later version drops it, PIL reads JPEGs instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                from torchvision.io import ImageReadMode, decode_jpeg, read_file
+                return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            except (ImportError, RuntimeError):
+                pass                              # PIL reads it, or says why it can't
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
@@ -232,6 +263,7 @@ def train_transform(augment="none", random_erasing=0.0):
     """
     if augment not in AUGMENTS:
         raise ValueError(f"unknown --augment {augment!r}; choose one of: {', '.join(AUGMENTS)}")
+    from torchvision.transforms import v2
     steps = []
     if augment == "randaugment":
         steps.append(v2.RandAugment(num_ops=2, magnitude=9))
@@ -283,6 +315,7 @@ def batch_mixer(num_classes, mixup=0.0, cutmix=0.0):
     mixes the labels by area. Both turn labels into soft targets (B, K) and stop a small dataset from
     being memorised. With both on, each batch gets one of them at random (as in DeiT).
     """
+    from torchvision.transforms import v2
     mixers = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
              ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
     if not mixers:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import unittest.mock
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +187,30 @@ class TestData(unittest.TestCase):
             self.assertEqual(d.test.images.shape, (4, 3, 16, 16))
             self.assertGreater(d.train.images[0, 0].float().mean(), 150)       # red stays red
             self.assertEqual(len(d.mean), 3)
+
+    def test_image_folder_cache(self):
+        with tempfile.TemporaryDirectory() as root:
+            for split in ("train", "test"):
+                for c, colour in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+                    os.makedirs(f"{root}/{split}/{c}")
+                    for i in range(2):
+                        Image.new("RGB", (8, 8), colour).save(f"{root}/{split}/{c}/{i}.jpg")
+            first = datasets.load_data("folder", root, image_size=8)
+            self.assertTrue(os.path.isfile(f"{root}/train/.decoded-8px.pt"))
+            with unittest.mock.patch.object(datasets, "read_image", side_effect=AssertionError("decoded")):
+                again = datasets.load_data("folder", root, image_size=8)      # from the cache
+            torch.testing.assert_close(again.train.images, first.train.images, rtol=0, atol=0)
+            torch.testing.assert_close(again.test.labels, first.test.labels)
+            # A changed file is decoded again: the cat turns green.
+            Image.new("RGB", (8, 8), (30, 200, 30)).save(f"{root}/train/cat/0.jpg")
+            os.utime(f"{root}/train/cat/0.jpg", ns=(1, 1))    # a new mtime even on a coarse clock
+            changed = datasets.load_data("folder", root, image_size=8)
+            self.assertGreater(changed.train.images[0, 1].float().mean(), 150)
+            self.assertLess(changed.train.images[1, 1].float().mean(), 100)    # the other cat stays red
+            # A folder the cache can't be written to still loads.
+            with unittest.mock.patch.object(torch, "save", side_effect=OSError("read-only")):
+                datasets.load_data("folder", root, image_size=4)
+            self.assertFalse(any(".tmp" in f or "4px" in f for f in os.listdir(f"{root}/train")))
 
     def test_folder_errors_are_sentences(self):
         with tempfile.TemporaryDirectory() as root:
