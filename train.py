@@ -44,11 +44,13 @@ from vit import MODELS, ViT, ViTConfig, num_params
 TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 
 # Defaults that depend on the mode. From scratch: Muon with AdamW (`Muon` says why; the paper
-# pre-trains with AdamW alone, Sec. 4.1, which --optimizer adamw gives back).
+# pre-trains with AdamW alone, Sec. 4.1, which --optimizer adamw gives back). Weight decay 0.1, not
+# the 0.05 we started with: 0.4 points better on average over three seeds of the used-by command,
+# ahead in each (README, "Tries on top of Muon").
 # Fine-tuning pretrained weights: the paper's recipe (Sec. 4.1, Table 4, Appendix B.1.1): SGD with
 # momentum 0.9, no weight decay, a short warmup, cosine decay, clipping at global norm 1.
 MODE_DEFAULTS = {
-    "scratch": dict(optimizer="muon", lr=1e-3, weight_decay=0.05, warmup_epochs=1.0, label_smoothing=0.1),
+    "scratch": dict(optimizer="muon", lr=1e-3, weight_decay=0.1, warmup_epochs=1.0, label_smoothing=0.1),
     "finetune": dict(optimizer="sgd", lr=0.01, weight_decay=0.0, warmup_epochs=0.2, label_smoothing=0.0),
 }
 
@@ -151,7 +153,7 @@ def get_parser():
     a("--warmup-epochs", type=float, help="epochs of linear warmup (default: 1 from scratch, 0.2 "
       "fine-tuning)")
     a("--weight-decay", type=float, help="weight decay on matrices; norms, biases and embeddings get "
-      "none (default: 0.05 from scratch, 0 fine-tuning)")
+      "none (default: 0.1 from scratch, 0 fine-tuning)")
     a("--label-smoothing", type=float, help="weight moved from the true class to the others in the "
       "loss target (default: 0.1 from scratch, 0 fine-tuning)")
     a("--grad-accum", type=int, default=1, help="split each batch into this many smaller ones whose "
