@@ -259,6 +259,10 @@ class TestData(unittest.TestCase):
     def test_normalize(self):
         images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
         mean, std = datasets.channel_stats(images)
+        # Counting byte values must give what the float computation gives, to the 4 digits we keep.
+        flat = images.float().div(255).transpose(0, 1).flatten(1)     # (C, N*H*W)
+        for got, want in zip(mean + std, flat.mean(1).tolist() + flat.std(1).tolist()):
+            self.assertAlmostEqual(got, want, delta=6e-5)
         x = datasets.normalize(images, mean, std)
         self.assertEqual(x.dtype, torch.float32)
         self.assertAlmostEqual(x.mean().item(), 0.0, delta=0.01)
