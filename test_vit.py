@@ -331,6 +331,26 @@ class TestTraining(unittest.TestCase):
         self.assertTrue(torch.equal(opt2.optimizers[0].state[after[w]]["momentum"],
                                     opt.optimizers[0].state[after[w]]["momentum"]))
 
+    def test_muon_orthogonalises_q_k_and_v_apart(self):
+        # If the stacked qkv weight were one matrix, a large gradient for q would take the whole
+        # orthogonalised step and leave k and v almost still. Split, each of the three moves by an
+        # orthogonal matrix of its own: the singular values of each one's change are about 1 (but
+        # the smallest, as a random square gradient has some near 0 that 5 steps lift only partly).
+        torch.manual_seed(0)
+        model = ViT(ViTConfig(**TINY))
+        qkv = model.blocks[0].attn.qkv.weight
+        before = qkv.detach().clone()
+        opt = train.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), "muon")
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        qkv.grad[:TINY["dim"]] *= 1000                                  # q's rows
+        opt.step()
+        D = TINY["dim"]
+        for part in ((before - qkv.detach()) / (1e-2 * 0.2 * D ** 0.5)).chunk(3):   # q, k, v: (D, D)
+            s = torch.linalg.svdvals(part)
+            self.assertGreater(s.median().item(), 0.6)
+            self.assertLess(s.max().item(), 1.25)
+
     @unittest.skipUnless(hasattr(torch.optim, "Muon"), "torch.optim.Muon came in PyTorch 2.9")
     def test_muon_matches_pytorchs(self):
         torch.manual_seed(0)

@@ -379,14 +379,16 @@ def make_optimizer(model, lr, weight_decay, device, name="muon"):
     or a position embedding shrunk towards 0 only loses information, so vectors (norms, biases) and
     the embeddings (class token, positions) are left alone, as in the paper's code and DeiT.
     """
-    hidden, decay, no_decay = [], [], []
+    hidden, qkv, decay, no_decay = [], [], [], []
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim < 2 or pname in ("pos_embed", "cls_token"):
             no_decay.append(p)
+        elif name == "muon" and pname.startswith("blocks.") and pname.endswith("attn.qkv.weight"):
+            qkv.append(p)                     # q, k and v stacked: three matrices for Muon
         elif name == "muon" and pname.startswith("blocks.") and p.ndim == 2:
-            hidden.append(p)                  # qkv, proj, fc1, fc2 of every block
+            hidden.append(p)                  # proj, fc1, fc2 of every block
         else:
             decay.append(p)                   # and the patch embedding and the head
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -394,9 +396,10 @@ def make_optimizer(model, lr, weight_decay, device, name="muon"):
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     # The fused kernel updates all parameters in a few launches instead of several per tensor.
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
-    if name == "adamw" or not hidden:         # (none when only the head trains, --head-only)
+    if name == "adamw" or not hidden + qkv:   # (none when only the head trains, --head-only)
         return adamw
-    return Optimizers(Muon(hidden, lr=lr, weight_decay=weight_decay), adamw)
+    matrices = [{"params": hidden}, {"params": qkv, "split": 3}]
+    return Optimizers(Muon(matrices, lr=lr, weight_decay=weight_decay), adamw)
 
 
 def orthogonalize(G, steps=5):
@@ -429,36 +432,43 @@ class Muon(torch.optim.Optimizer):
     Only for the 2-D matrices inside the blocks; the embeddings, the head and all vectors stay with
     AdamW, as in Muon's own recipe. The step is scaled by 0.2 sqrt(max(m, n)), which makes its size
     match AdamW's (Liu et al. 2025, "Muon is scalable"), so the two share --lr and --weight-decay.
+    A parameter group with split=S holds S matrices stacked along the rows of each tensor, such as
+    q, k and v in one qkv weight: each is orthogonalised on its own, as the model uses them apart.
     """
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.0, momentum=0.95):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+    def __init__(self, params, lr=1e-3, weight_decay=0.0, momentum=0.95, split=1):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, split=split))
 
     @torch.no_grad()
     def step(self):
+        # Matrices of one shape are orthogonalised together, in one batched matmul per step of the
+        # iteration: a small ViT has dozens of small matrices, and on a CPU each call costs more than
+        # its arithmetic. (A tall matrix is orthogonalised as its transpose anyway, so the MLP's
+        # D x 2D and 2D x D matrices form one group, and q, k, v join the attention's output.)
+        same_shape = {}
         for group in self.param_groups:
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            # Matrices of one shape are orthogonalised together, in one batched matmul per step of
-            # the iteration: a small ViT has dozens of small matrices, and on a CPU each call costs
-            # more than its arithmetic. (A tall matrix is orthogonalised as its transpose anyway, so
-            # the MLP's D x 2D and 2D x D matrices form one group.)
-            same_shape = {}
+            settings = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
-                if p.grad is not None:
-                    same_shape.setdefault((min(p.shape), max(p.shape)), []).append(p)
-            for (r, k), params in same_shape.items():
-                flip = [p.size(0) > p.size(1) for p in params]        # tall: work on the transpose
-                bufs = [self.state[p].setdefault("momentum", torch.zeros_like(p)) for p in params]
-                grads = [p.grad for p in params]
-                torch._foreach_mul_(bufs, mu)                         # the momentum of all of them,
-                torch._foreach_add_(bufs, grads)                      # in two calls
-                # Nesterov: step from where the momentum is about to take us, g + mu m.
-                ahead = torch._foreach_add(grads, bufs, alpha=mu)
-                stack = torch.stack([u.mT if f else u for u, f in zip(ahead, flip)])   # (L, r, k)
-                update = orthogonalize(stack).unbind(0)
-                update = [u.mT if f else u for u, f in zip(update, flip)]
-                torch._foreach_mul_(params, 1 - lr * wd)              # decoupled weight decay, as AdamW
-                torch._foreach_add_(params, update, alpha=-lr * 0.2 * k ** 0.5)
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                # The S matrices of a stacked weight, with their gradients and momenta: views, so
+                # the in-place updates below change the tensors themselves.
+                for w, g, m in zip(*(t.chunk(group["split"]) for t in (p, p.grad, buf))):
+                    key = (*settings, min(w.shape), max(w.shape))
+                    same_shape.setdefault(key, []).append((w, g, m))
+        for (lr, wd, mu, r, k), parts in same_shape.items():
+            params, grads, bufs = (list(t) for t in zip(*parts))
+            flip = [p.size(0) > p.size(1) for p in params]        # tall: work on the transpose
+            torch._foreach_mul_(bufs, mu)                         # the momentum of all of them,
+            torch._foreach_add_(bufs, grads)                      # in two calls
+            # Nesterov: step from where the momentum is about to take us, g + mu m.
+            ahead = torch._foreach_add(grads, bufs, alpha=mu)
+            stack = torch.stack([u.mT if f else u for u, f in zip(ahead, flip)])   # (L, r, k)
+            update = orthogonalize(stack).unbind(0)
+            update = [u.mT if f else u for u, f in zip(update, flip)]
+            torch._foreach_mul_(params, 1 - lr * wd)              # decoupled weight decay, as AdamW
+            torch._foreach_add_(params, update, alpha=-lr * 0.2 * k ** 0.5)
 
 
 class Optimizers:
@@ -828,7 +838,8 @@ def run(args):
         except (ValueError, KeyError, IndexError):
             raise CheckpointError(f"the optimizer state in {args.resume} does not fit --optimizer "
                                   f"{args.optimizer}; resume with the run's own optimizer (drop "
-                                  f"--optimizer)") from None
+                                  f"--optimizer); a checkpoint from an older train.py may hold "
+                                  f"another layout of the optimizer state") from None
         scaler.load_state_dict(resume["scaler"])
         step, history = resume["step"], resume["metrics"]
         torch.set_rng_state(resume["rng"]["cpu"])
