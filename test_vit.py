@@ -338,14 +338,14 @@ class TestTraining(unittest.TestCase):
         # the smallest, as a random square gradient has some near 0 that 5 steps lift only partly).
         torch.manual_seed(0)
         model = ViT(ViTConfig(**TINY))
-        qkv = model.blocks[0].attn.qkv.weight
+        D = TINY["dim"]
+        qkv = model.blocks[0].attn.qkv.weight                          # (3D, D): q, k, v rows
         before = qkv.detach().clone()
         opt = train.make_optimizer(model, 1e-2, 0.0, torch.device("cpu"), "muon")
         for p in model.parameters():
             p.grad = torch.randn_like(p)
-        qkv.grad[:TINY["dim"]] *= 1000                                  # q's rows
+        qkv.grad[:D] *= 1000                                            # q's rows
         opt.step()
-        D = TINY["dim"]
         for part in ((before - qkv.detach()) / (1e-2 * 0.2 * D ** 0.5)).chunk(3):   # q, k, v: (D, D)
             s = torch.linalg.svdvals(part)
             self.assertGreater(s.median().item(), 0.6)

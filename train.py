@@ -396,7 +396,7 @@ def make_optimizer(model, lr, weight_decay, device, name="muon"):
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     # The fused kernel updates all parameters in a few launches instead of several per tensor.
     adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
-    if name == "adamw" or not hidden + qkv:   # (none when only the head trains, --head-only)
+    if name == "adamw" or not (hidden or qkv):   # (none when only the head trains, --head-only)
         return adamw
     matrices = [{"params": hidden}, {"params": qkv, "split": 3}]
     return Optimizers(Muon(matrices, lr=lr, weight_decay=weight_decay), adamw)
