@@ -91,9 +91,9 @@ class ViTConfig:
 # leave only 4 tokens. The last five are Table 1 of the paper at 224x224, named like torchvision's
 # builders so that the fine-tuning code can find their weights by the same name.
 MODELS = {
-    # the CPU default: trains in minutes per epoch on two laptop cores. Its MLP is 3x the width, not the
-    # 2x of the shapes below: with Muon, 3x ended 0.40 points higher on average over three seeds of
-    # the 10-epoch CPU run (README, "Tries on top of Muon"), for 1.2x the parameters (0.57M)
+    # the CPU default: trains in minutes per epoch on two laptop cores. Its MLP is 3x the width, not
+    # the 2x of the other CIFAR shapes: with Muon, 3x ended 0.40 points higher on average over three
+    # seeds of the 10-epoch CPU run (README, "Tries on top of Muon"), for 1.2x the parameters (0.57M)
     "cifar_tiny": dict(dim=96, depth=6, heads=3, mlp_ratio=3.0),
     # the plain-ViT baseline of Lee et al. 2021 ("ViT for Small-Size Datasets"), about 2.7M parameters
     "cifar_small": dict(dim=192, depth=9, heads=12, mlp_ratio=2.0),
