@@ -734,6 +734,18 @@ class TestRecipe(unittest.TestCase):
             self.assertEqual(code, 0, log)
             return torch.load(f"{tmp}/m.pt", weights_only=True), log
 
+    def test_loader_workers_follow_the_per_image_work(self):
+        cpu, gpu = torch.device("cpu"), torch.device("cuda")
+        self.assertEqual(train.default_workers(cpu, "autoaugment", 0.25), 0)      # cores go to the model
+        self.assertEqual(train.default_workers(gpu, "none", 0.0), 4)              # bytes only
+        with unittest.mock.patch.object(train.os, "sched_getaffinity", lambda pid: set(range(16)), create=True):
+            self.assertEqual(train.default_workers(gpu, "autoaugment", 0.0), 8)
+            self.assertEqual(train.default_workers(gpu, "none", 0.25), 8)
+            with unittest.mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": "8"}):
+                self.assertEqual(train.default_workers(gpu, "trivialaugment", 0.0), 4)   # 2 cores each: the floor
+            with unittest.mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": "3"}):
+                self.assertEqual(train.default_workers(gpu, "randaugment", 0.0), 5)
+
     def test_presets_set_defaults_that_flags_override(self):
         for name, preset in train.PRESETS.items():
             args = train.parse_args(["--preset", name])
@@ -933,6 +945,31 @@ class TestRecipe(unittest.TestCase):
         self.assertEqual(code, 0, log)
         for words in ("training (loader + model)", "data loader alone", "model alone", "GFLOP/s", "% of"):
             self.assertIn(words, log)
+
+    def test_tutorial_comparison_is_like_for_like(self):
+        # README's speed ratios against a tutorial's ViT come from results/compare_tutorial.py: its
+        # models must be the same size, and its tutorial model a working ViT (it learns a batch).
+        import importlib.util
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compare_tutorial.py")
+        spec = importlib.util.spec_from_file_location("compare_tutorial", path)
+        compare = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(compare)
+        torch.manual_seed(0)
+        tutorial = compare.TutorialViT()
+        self.assertEqual(vit.num_params(tutorial), vit.num_params(vit.build_model("cifar_tiny", **compare.SHAPE)))
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        opt = torch.optim.AdamW(tutorial.parameters(), lr=3e-3)
+        first = F.cross_entropy(tutorial(x), y).item()
+        for _ in range(30):
+            loss = F.cross_entropy(tutorial(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.assertLess(loss.item(), first / 4)
+        with contextlib.redirect_stdout(io.StringIO()):
+            rates, params = compare.step_rates(rounds=1, steps=1, batch=4)
+        self.assertEqual(len(set(params.values())), 1, params)           # all four the same size
+        self.assertTrue(all(r > 0 for r in rates.values()), rates)
 
 
 class TestVisualize(unittest.TestCase):
