@@ -58,10 +58,10 @@ class TutorialAttention(nn.Module):
 
 
 class TanhGELU(nn.Module):
-    """GELU by the tanh approximation of the BERT code, as many tutorials copy it."""
+    """GELU by the tanh approximation of the BERT and GPT code, as many tutorials copy it."""
 
     def forward(self, x):
-        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 class TutorialBlock(nn.Module):
