@@ -46,7 +46,7 @@ TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 # Defaults that depend on the mode. From scratch: Muon with AdamW (`Muon` says why; the paper
 # pre-trains with AdamW alone, Sec. 4.1, which --optimizer adamw gives back). Weight decay 0.1, not
 # the 0.05 we started with: 0.4 points better on average over three seeds of the used-by command,
-# ahead in each (README, "Tries on top of Muon").
+# ahead in each (results/README.md, "Tries on top of Muon").
 # Fine-tuning pretrained weights: the paper's recipe (Sec. 4.1, Table 4, Appendix B.1.1): SGD with
 # momentum 0.9, no weight decay, a short warmup, cosine decay, clipping at global norm 1.
 MODE_DEFAULTS = {
@@ -56,8 +56,8 @@ MODE_DEFAULTS = {
 
 
 # Named recipes (--preset): a model and the training settings that go with it. A preset only sets
-# defaults; any flag given on the command line still wins. README's table says what each one reached,
-# on what hardware, with its metrics log in results/.
+# defaults; any flag given on the command line still wins. README's Presets table says what each
+# one reached, on what hardware, with its metrics log in results/.
 PRESETS = {
     # The used-by command's own defaults (no flags), picked by measurement for a 10-epoch run on a
     # 2-core CPU: the small plain ViT, crop and flip only, the sine-cosine, PCA and mimetic starts,
@@ -88,7 +88,7 @@ def get_parser():
                "--batch-size 32")
     a = p.add_argument
     a("--preset", choices=list(PRESETS), help="a named recipe that sets the model and the training "
-      "settings together (flags you give still win); see README's results table")
+      "settings together (flags you give still win); see README's Presets table")
     # data
     a("--dataset", default=None, help="cifar10, cifar100, folder or fake (default: cifar10, or the "
       "checkpoint's with --eval-only/--resume)")
@@ -370,9 +370,10 @@ def train_size_at(epoch, full, low, ramp_epochs, patch):
     whole patches. An image with s/P patches a side costs about (s/P)^2 tokens instead of (full/P)^2,
     so a 16-pixel epoch of a 32-pixel model costs about a quarter; the model learns the coarse shapes
     there and the details once the images are full size (as FFCV's ResNet recipes do). Evaluation is
-    always at the full size. Off by default: in the 10-epoch CPU run (README) 16, 20 and 24 pixels for
-    the first three epochs ended 2.3 points lower, for three minutes less: in a shrunk image each 4x4
-    patch covers more of the object, so the patch filters learn a scale they must relearn later.
+    always at the full size. Off by default: in the 10-epoch CPU run (results/README.md) 16, 20 and
+    24 pixels for the first three epochs ended 2.3 points lower, for three minutes less: in a shrunk
+    image each 4x4 patch covers more of the object, so the patch filters learn a scale they must
+    relearn later.
     """
     if not low or epoch >= ramp_epochs:
         return full
@@ -449,7 +450,8 @@ class Muon(torch.optim.Optimizer):
     SGD's momentum for a weight matrix is dominated by a few directions; Muon replaces it by the
     nearest matrix whose singular values are all 1 (`orthogonalize`), so every direction the
     gradients agree on moves at the same speed, rare ones included. Measured here, that is what a
-    short run needs most: 10 epochs on the CPU went from 73.0% with AdamW to 79.3% (README, Results).
+    short run needs most: 10 epochs on the CPU went from 73.0% with AdamW to 79.3%
+    (results/README.md).
     Only for the 2-D matrices inside the blocks; the embeddings, the head and all vectors stay with
     AdamW, as in Muon's own recipe. The step is scaled by 0.2 sqrt(max(m, n)), which makes its size
     match AdamW's (Liu et al. 2025, "Muon is scalable"), so the two share --lr and --weight-decay.

@@ -93,7 +93,8 @@ class ViTConfig:
 MODELS = {
     # the CPU default: trains in minutes per epoch on two laptop cores. Its MLP is 3x the width, not
     # the 2x of the other CIFAR shapes: with Muon, 3x ended 0.40 points higher on average over three
-    # seeds of the 10-epoch CPU run (README, "Tries on top of Muon"), for 1.2x the parameters (0.57M)
+    # seeds of the 10-epoch CPU run (results/README.md, "Tries on top of Muon"), for 1.2x the
+    # parameters (0.57M)
     "cifar_tiny": dict(dim=96, depth=6, heads=3, mlp_ratio=3.0),
     # the plain-ViT baseline of Lee et al. 2021 ("ViT for Small-Size Datasets"), about 2.7M parameters
     "cifar_small": dict(dim=192, depth=9, heads=12, mlp_ratio=2.0),
@@ -462,7 +463,8 @@ def pca_patch_init(model, images, eps=1e-2):
     patch's mean colour or a faint texture. A patch has only C*P*P = 48 numbers and the model is
     usually wider (96 for cifar_tiny), so the remaining filters start as the negatives of the first
     ones, at the same scale; training then moves all of them apart. Measured on the CIFAR-10 JPEG
-    copy (README): 2.3 and 3.5 points more than two runs of the random start after 2 epochs.
+    copy (results/README.md): 2.3 and 3.5 points more than two runs of the random start after 2
+    epochs.
     (Whitened first layers make CNNs learn faster on CIFAR too, e.g. Keller Jordan's airbench, which
     also uses +/- pairs.)
     """
@@ -497,9 +499,10 @@ def mimetic_attention_init(model, qk=(0.7, 0.7), vo=(0.4, 0.4), generator=None):
     qk = (alpha, beta): each head's W_q^T W_k is the best rank-d fit of alpha*Z + beta*I, with Z a
     random (D, D) matrix of variance 1/D, found with an SVD and split between W_q and W_k. vo: the
     same for the whole layer's W_o W_v, full rank, with -beta*I. The biases stay zero. The defaults,
-    0.7 and 0.4, are the values the method is usually run with. Measured here (README): behind the
-    random start after 2 epochs, but ahead from the third epoch of the 10-epoch run on and 1.6 points
-    ahead at its end (73.7% vs 72.1% on the CIFAR-10 JPEG copy), so train.py starts from it by default.
+    0.7 and 0.4, are the values the method is usually run with. Measured here (results/README.md):
+    behind the random start after 2 epochs, but ahead from the third epoch of the 10-epoch run on and
+    1.6 points ahead at its end (73.7% vs 72.1% on the CIFAR-10 JPEG copy), so train.py starts from
+    it by default.
     """
     D, h = model.cfg.dim, model.cfg.heads
     d = D // h
