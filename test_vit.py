@@ -882,7 +882,7 @@ class TestRecipe(unittest.TestCase):
 
     def test_pca_patch_init_whitens_the_patches(self):
         torch.manual_seed(0)
-        model = vit.build_model("cifar_tiny", image_size=16)          # 96 filters of 3*4*4 = 48 numbers
+        model = vit.build_model("cifar_tiny", image_size=16, dim=96)  # 96 filters of 3*4*4 = 48 numbers
         # correlated, off-centre, unequal channels: far from white to begin with
         images = F.avg_pool2d(torch.randn(400, 3, 18, 18), 3, stride=1) * torch.tensor([3., 1., .3]).view(1, 3, 1, 1) + 2
         vit.pca_patch_init(model, images, eps=1e-9)
@@ -893,10 +893,10 @@ class TestRecipe(unittest.TestCase):
         torch.testing.assert_close(first.mean(0), torch.zeros(48), atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.cov(first.T), torch.eye(48), atol=2e-3, rtol=0)
         with self.assertRaisesRegex(ValueError, "patch stem"):
-            vit.pca_patch_init(vit.build_model("cifar_tiny", stem="conv"), images)
+            vit.pca_patch_init(vit.build_model("cifar_tiny", dim=96, stem="conv"), images)
 
     def test_mimetic_attention_init_attends_to_neighbours(self):
-        model = vit.build_model("cifar_tiny", heads=3)                 # D 96, 3 heads of d 32
+        model = vit.build_model("cifar_tiny", dim=96, heads=3)         # D 96, 3 heads of d 32
         model.pos_embed.data.copy_(vit.sincos_pos_embed((8, 8), 96))
         vit.mimetic_attention_init(model, generator=torch.Generator().manual_seed(0))
         attn, D, d = model.blocks[0].attn, 96, 32
@@ -917,14 +917,14 @@ class TestRecipe(unittest.TestCase):
         for near in ((3, 4), (4, 3), (2, 3)):
             self.assertTrue((row[:, near[0], near[1]] > 2 * row[:, 7, 7]).all(), near)
         torch.manual_seed(0)
-        plain = vit.build_model("cifar_tiny")                          # the random start: no such bias
+        plain = vit.build_model("cifar_tiny", dim=96, heads=3)         # the random start: no such bias
         plain.pos_embed.data.copy_(vit.sincos_pos_embed((8, 8), 96))
         with torch.no_grad():
             _, maps = plain(torch.zeros(1, 3, 32, 32), return_attention=True)
         self.assertLess(maps[0][0, :, 1 + 3 * 8 + 3, 1:].max().item(), 0.05)   # about uniform, 1/65
 
     def test_conv_stem_is_the_hybrid(self):
-        plain, hybrid = vit.build_model("cifar_tiny"), vit.build_model("cifar_tiny", stem="conv")
+        plain, hybrid = vit.build_model("cifar_tiny", dim=96), vit.build_model("cifar_tiny", dim=96, stem="conv")
         self.assertIsInstance(plain.stem, torch.nn.Identity)
         self.assertEqual(hybrid.patch_embed.in_channels, 48)          # patches of a 48-channel map
         self.assertEqual(hybrid(torch.randn(2, 3, 32, 32)).shape, (2, 10))

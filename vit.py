@@ -91,11 +91,13 @@ class ViTConfig:
 # leave only 4 tokens. The last five are Table 1 of the paper at 224x224, named like torchvision's
 # builders so that the fine-tuning code can find their weights by the same name.
 MODELS = {
-    # the CPU default: trains in minutes per epoch on two laptop cores. Its MLP is 3x the width, not
-    # the 2x of the other CIFAR shapes: with Muon, 3x ended 0.40 points higher on average over three
-    # seeds of the 10-epoch CPU run (results/README.md, "Tries on top of Muon"), for 1.2x the
-    # parameters (0.57M)
-    "cifar_tiny": dict(dim=96, depth=6, heads=3, mlp_ratio=3.0),
+    # the CPU default, sized so that the 10-epoch CPU run takes no longer than a tutorial's ViT on
+    # the same two cores (results/README.md, "A faster model for the same time"): 64 wide, 2 heads
+    # of 32, 0.26M parameters. 96 wide and 3 heads (--dim 96 --heads 3) ended 2.2 points higher but
+    # took 1.59x the time, 1.54x the tutorial's on a machine without AVX-512. Its MLP is 3x the
+    # width, not the 2x of the other CIFAR shapes: at 96 wide, 3x ended 0.40 points higher on
+    # average over three seeds ("Tries on top of Muon")
+    "cifar_tiny": dict(dim=64, depth=6, heads=2, mlp_ratio=3.0),
     # the plain-ViT baseline of Lee et al. 2021 ("ViT for Small-Size Datasets"), about 2.7M parameters
     "cifar_small": dict(dim=192, depth=9, heads=12, mlp_ratio=2.0),
     # wider and deeper, for a GPU and a long schedule, about 9.5M parameters
@@ -461,7 +463,7 @@ def pca_patch_init(model, images, eps=1e-2):
     patches themselves do. We start there: each filter is one principal direction of the training patches,
     scaled by 1/sqrt(its variance) so every component starts at unit variance, whether it is the
     patch's mean colour or a faint texture. A patch has only C*P*P = 48 numbers and the model is
-    usually wider (96 for cifar_tiny), so the remaining filters start as the negatives of the first
+    usually wider (64 for cifar_tiny), so the remaining filters start as the negatives of the first
     ones, at the same scale; training then moves all of them apart. Measured on the CIFAR-10 JPEG
     copy (results/README.md): 2.3 and 3.5 points more than two runs of the random start after 2
     epochs.

@@ -99,12 +99,13 @@ class TutorialViT(nn.Module):
 # Training steps, side by side
 
 
-def step_rates(rounds=7, steps=40, batch=32):
+def step_rates(rounds=7, steps=40, batch=32, shapes=()):
     """Median training images/s of each model over `rounds`, each round `steps` steps of each in turn.
 
     Every model gets the same step as train.py's default recipe would give it: label smoothing 0.1,
     gradient clipping at 1, then its optimizer. AdamW is the fused one for all; "ours" also runs
-    with Muon, our default, whose orthogonalisation is extra work per step.
+    with Muon, our default, whose orthogonalisation is extra work per step. `shapes` adds our model,
+    with Muon, at other shapes given as "DIM/DEPTH/HEADS/MLP_RATIO" (e.g. "96/6/3/3").
     """
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -119,6 +120,10 @@ def step_rates(rounds=7, steps=40, batch=32):
         "torchvision, AdamW": VisionTransformer(32, 4, num_layers=4, num_heads=4, hidden_dim=48,
                                                 mlp_dim=192, num_classes=10),
     }
+    for shape in shapes:
+        dim, depth, heads, mlp = shape.split("/")
+        models[f"ours {shape}, Muon"] = vit.build_model("cifar_tiny", dim=int(dim), depth=int(depth),
+                                                        heads=int(heads), mlp_ratio=float(mlp))
 
     def stepper(name, model):
         optimizer = train.make_optimizer(model, 1e-4, 0.05, cpu, "muon" if "Muon" in name else "adamw")
@@ -191,17 +196,19 @@ def main(argv=None):
                         "tutorial's pipeline end to end")
     parser.add_argument("--rounds", type=int, default=7, help="steps: rounds of the models in turn (default: 7)")
     parser.add_argument("--steps", type=int, default=40, help="steps: steps per model per round (default: 40)")
+    parser.add_argument("--shapes", nargs="*", default=[], metavar="D/L/H/M", help="steps: also time "
+                        "our model with Muon at these shapes, width/depth/heads/MLP ratio (e.g. 64/6/2/3)")
     parser.add_argument("--data-dir", default="data/cifar10-jpeg", help="epoch: an image folder with "
                         "train/ and test/ (default: data/cifar10-jpeg)")
     parser.add_argument("--epochs", type=int, default=1, help="epoch: how many (default: 1)")
     parser.add_argument("--workers", type=int, default=2, help="epoch: loader processes (default: 2)")
     args = parser.parse_args(argv)
     if args.what == "steps":
-        rates, params = step_rates(args.rounds, args.steps)
+        rates, params = step_rates(args.rounds, args.steps, shapes=args.shapes)
         base = rates["tutorial, AdamW"]
         print(f"median of {args.rounds} rounds, batch 32, {torch.get_num_threads()} threads:")
         for name, rate in rates.items():
-            print(f"  {name:22s} {params[name] / 1e6:.3f}M parameters  {rate:6.0f} img/s  "
+            print(f"  {name:28s} {params[name] / 1e6:.3f}M parameters  {rate:6.0f} img/s  "
                   f"{rate / base:.2f}x the tutorial's")
     else:
         tutorial_epochs(args.data_dir, args.epochs, args.workers)
