@@ -970,6 +970,13 @@ class TestRecipe(unittest.TestCase):
             rates, params = compare.step_rates(rounds=1, steps=1, batch=4)
         self.assertEqual(len(set(params.values())), 1, params)           # all four the same size
         self.assertTrue(all(r > 0 for r in rates.values()), rates)
+        # --shapes: our model at other shapes too, and a shape that can't be a ViT is a usage error
+        self.assertEqual(compare.shape("64/6/2/3"), (64, 6, 2, 3.0))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as e:
+            compare.main(["steps", "--shapes", "64/6/5/3"])
+        self.assertEqual(e.exception.code, 2)
+        self.assertIn("not divisible by 5 heads", err.getvalue())
 
 
 class TestVisualize(unittest.TestCase):

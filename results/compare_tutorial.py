@@ -105,7 +105,7 @@ def step_rates(rounds=7, steps=40, batch=32, shapes=()):
     Every model gets the same step as train.py's default recipe would give it: label smoothing 0.1,
     gradient clipping at 1, then its optimizer. AdamW is the fused one for all; "ours" also runs
     with Muon, our default, whose orthogonalisation is extra work per step. `shapes` adds our model,
-    with Muon, at other shapes given as "DIM/DEPTH/HEADS/MLP_RATIO" (e.g. "96/6/3/3").
+    with Muon, at other shapes, each (dim, depth, heads, mlp_ratio).
     """
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -120,10 +120,9 @@ def step_rates(rounds=7, steps=40, batch=32, shapes=()):
         "torchvision, AdamW": VisionTransformer(32, 4, num_layers=4, num_heads=4, hidden_dim=48,
                                                 mlp_dim=192, num_classes=10),
     }
-    for shape in shapes:
-        dim, depth, heads, mlp = shape.split("/")
-        models[f"ours {shape}, Muon"] = vit.build_model("cifar_tiny", dim=int(dim), depth=int(depth),
-                                                        heads=int(heads), mlp_ratio=float(mlp))
+    for dim, depth, heads, mlp in shapes:
+        models[f"ours {dim}/{depth}/{heads}/{mlp:g}, Muon"] = vit.build_model(
+            "cifar_tiny", dim=dim, depth=depth, heads=heads, mlp_ratio=mlp)
 
     def stepper(name, model):
         optimizer = train.make_optimizer(model, 1e-4, 0.05, cpu, "muon" if "Muon" in name else "adamw")
@@ -190,13 +189,25 @@ def tutorial_epochs(data_dir, epochs=1, workers=2):
     return accuracy
 
 
+def shape(text):
+    """ "64/6/2/3" -> (64, 6, 2, 3.0): width, depth, heads, MLP ratio, checked like train.py's flags."""
+    try:
+        dim, depth, heads, mlp = text.split("/")
+        value = int(dim), int(depth), int(heads), float(mlp)
+        vit.ViTConfig(dim=value[0], depth=value[1], heads=value[2], mlp_ratio=value[3])
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTH/DEPTH/HEADS/MLP_RATIO such as 64/6/2/3 "
+                                         f"({e})") from None
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("steps", "epoch"), help="time training steps, or run the "
                         "tutorial's pipeline end to end")
     parser.add_argument("--rounds", type=int, default=7, help="steps: rounds of the models in turn (default: 7)")
     parser.add_argument("--steps", type=int, default=40, help="steps: steps per model per round (default: 40)")
-    parser.add_argument("--shapes", nargs="*", default=[], metavar="D/L/H/M", help="steps: also time "
+    parser.add_argument("--shapes", nargs="*", type=shape, default=[], metavar="D/L/H/M", help="steps: also time "
                         "our model with Muon at these shapes, width/depth/heads/MLP ratio (e.g. 64/6/2/3)")
     parser.add_argument("--data-dir", default="data/cifar10-jpeg", help="epoch: an image folder with "
                         "train/ and test/ (default: data/cifar10-jpeg)")
