@@ -696,9 +696,9 @@ def evaluate(model, split, ctx, batch_size=None):
     model.eval()
     device = ctx["device"]
     if batch_size is None:
-        # A GPU wants big batches to be busy. A CPU does not: batches of 500 took 1.3x (cifar_tiny)
-        # to 1.8x (48 wide) as long as batches of 100 or 250, most likely because the activations
-        # and the (B, h, N, N) attention scores of a big batch no longer fit in its caches.
+        # A GPU wants big batches to be busy. A CPU does not: batches of 500 took 1.3x (cifar_tiny,
+        # then 96 wide) to 1.8x (48 wide) as long as batches of 100 or 250, most likely because the
+        # activations and the (B, h, N, N) attention scores of a big batch no longer fit in its caches.
         batch_size = 100 if device.type == "cpu" else 500
     sums = torch.zeros(3, device=device)       # loss sum, correct, count
     starts = range(ctx["rank"] * batch_size, len(split), ctx["world"] * batch_size)
