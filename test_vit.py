@@ -1039,6 +1039,32 @@ class TestVisualize(unittest.TestCase):
                     self.assertGreater(min(im.size), 40)
                 self.assertIn(os.path.join(folder, name), out.getvalue())
 
+    def test_confusion_and_embeddings_see_every_class(self):
+        # An image folder lists its test images class by class (the CIFAR-10 JPEG copy: 1,000
+        # airplanes, then 1,000 automobiles, ...): the pictures over many images must sample them
+        # all, not take the first ones.
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "m.pt")
+            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
+                                  "--depth", 2, "--heads", 2, "--out", ckpt)
+            self.assertEqual(code, 0, log)
+            fake = datasets.load_data("fake", fake_size=(100, 3000))
+            order = fake.test.labels.argsort(stable=True)
+            fake.test = datasets.Split(fake.test.images[order], fake.test.labels[order])   # by class
+            seen = {}
+            record = lambda name: lambda self, images, labels: seen.setdefault(name, set(labels.tolist()))
+            with unittest.mock.patch.object(datasets, "load_data", return_value=fake), \
+                    unittest.mock.patch.object(visualize.Visualizer, "confusion", record("confusion")), \
+                    unittest.mock.patch.object(visualize.Visualizer, "cls_embeddings", record("embeddings")), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--only", "predictions,cls_embeddings"]), 0)
+            self.assertEqual(seen, {"confusion": set(range(10)), "embeddings": set(range(10))})
+
+    def test_plot_ticks_are_round_numbers(self):
+        self.assertEqual([f"{t:.3g}" for t in visualize.round_ticks(0.346, 0.822)], ["0.4", "0.5", "0.6", "0.7", "0.8"])
+        self.assertEqual([f"{t:.3g}" for t in visualize.round_ticks(0.668, 1.93)], ["0.75", "1", "1.25", "1.5", "1.75"])
+        self.assertEqual(visualize.round_ticks(-3.2, 4.1), [-2, 0, 2, 4])
+
     def test_own_images_of_any_mode(self):
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = os.path.join(tmp, "m.pt")

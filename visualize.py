@@ -193,6 +193,16 @@ def grid_picture(rows, row_labels=None, col_labels=None, title=None, label_color
     return canvas
 
 
+def round_ticks(lo, hi, count=5):
+    """About `count` tick values inside [lo, hi], spaced 1, 2, 2.5 or 5 times a power of ten, as a person
+    labels an axis (0.4, 0.5, 0.6 rather than 0.346, 0.441, 0.537)."""
+    raw = (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = min((m * power for m in (1, 2, 2.5, 5, 10)), key=lambda s: abs(math.log(s / raw)))
+    first = math.ceil(lo / step) * step
+    return [first + k * step for k in range(int((hi - first) / step + 1e-9) + 1)]
+
+
 class Plot:
     """A minimal x-y chart drawn with PIL: axes, ticks, labelled series, a legend."""
 
@@ -210,8 +220,8 @@ class Plot:
         d.text((self.x0, 6), title, fill="black", font=font(14))
         d.rectangle([self.x0, self.y0, self.x1, self.y1], outline="black")
         x_ticks = range(int(min(xs)), int(max(xs)) + 1, max(1, round((max(xs) - min(xs)) / 8))) \
-            if integer_x else [self.xlim[0] + (self.xlim[1] - self.xlim[0]) * k / 5 for k in range(6)]
-        y_ticks = [self.ylim[0] + (self.ylim[1] - self.ylim[0]) * k / 5 for k in range(6)]
+            if integer_x else round_ticks(*self.xlim)
+        y_ticks = round_ticks(*self.ylim)
         for axis, ticks in (("x", x_ticks), ("y", y_ticks)):
             for v in ticks:
                 label = f"{v:.3g}"
@@ -362,11 +372,13 @@ class Visualizer:
         dists = sums / len(self.many)                                             # (depth, h)
         xs = [l + 1 for l, d in enumerate(dists) for _ in d]
         ys = [v for d in dists for v in d.tolist()]
-        p = Plot(xs, ys, "mean attention distance per head", "network depth (layer)", "pixels",
-                 y_from_zero=True)
         n = self.cfg.grid[0] * self.cfg.grid[1]
         uniform = mean_attention_distance(torch.full((1, 1, n, n), 1.0 / n), self.cfg.grid,
                                           self.cfg.patch_size).item()
+        # The axis must reach the even spread too: heads usually look nearer, and the grey line
+        # would otherwise be drawn above the chart.
+        p = Plot(xs, ys + [uniform], "mean attention distance per head", "network depth (layer)",
+                 "pixels", y_from_zero=True)
         p.line([1, len(dists)], [uniform, uniform], (170, 170, 170), "uniform attention")
         p.points(xs, ys, PALETTE[0], "one head")
         p.line(range(1, len(dists) + 1), [d.mean().item() for d in dists], PALETTE[3], "mean of heads")
@@ -566,6 +578,11 @@ def run(args):
         dataset = info.get("dataset", "cifar10")
         data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
         data = datasets.load_data(dataset, data_dir, cfg.image_size)
+        # The test images in a random order: an image folder lists them class by class, so its
+        # first 2,000 would be two classes only, and the confusion matrix and the embeddings take
+        # 2,000 (`sample`).
+        pick = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(args.seed))
+        sample = pick[:2000]
     mean, std = info.get("mean") or data.mean, info.get("std") or data.std
 
     if args.images:
@@ -574,8 +591,6 @@ def run(args):
                                                    antialias=True) for p in args.images])
         labels = None
     else:
-        g = torch.Generator().manual_seed(args.seed)
-        pick = torch.randperm(len(data.test), generator=g)
         shown = pick[:args.num_images]
         images, labels = data.test.images[shown], data.test.labels[shown].tolist()
         many = data.test.images[pick[:max(256, args.num_images)]]   # for Figure 7's distances
@@ -589,11 +604,9 @@ def run(args):
     for name in only:
         if name == "predictions":
             v.predictions()
-            n = min(len(data.test), 2000)
-            v.confusion(data.test.images[:n], data.test.labels[:n])
+            v.confusion(data.test.images[sample], data.test.labels[sample])
         elif name == "cls_embeddings":
-            n = min(len(data.test), 2000)
-            v.cls_embeddings(data.test.images[:n], data.test.labels[:n])
+            v.cls_embeddings(data.test.images[sample], data.test.labels[sample])
         elif name == "augmentation":
             v.augmentation(data.train.images)
         else:
