@@ -980,6 +980,14 @@ class TestRecipe(unittest.TestCase):
 
 
 class TestVisualize(unittest.TestCase):
+    def short_run(self, folder, *flags):
+        """The checkpoint of a tiny model trained for one epoch on the fake data, in `folder`."""
+        ckpt = os.path.join(folder, "m.pt")
+        code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
+                              "--depth", 2, "--heads", 2, *flags, "--out", ckpt)
+        self.assertEqual(code, 0, log)
+        return ckpt
+
     def test_rollout(self):
         torch.manual_seed(0)
         maps = [torch.rand(2, 3, 5, 5).softmax(-1) for _ in range(3)]
@@ -1014,10 +1022,7 @@ class TestVisualize(unittest.TestCase):
 
     def test_every_picture_from_a_short_run(self):
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = os.path.join(tmp, "m.pt")
-            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
-                                  "--depth", 2, "--heads", 2, "--out", ckpt)
-            self.assertEqual(code, 0, log)
+            ckpt = self.short_run(tmp)
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--num-images", "4"]), 0)
@@ -1044,10 +1049,7 @@ class TestVisualize(unittest.TestCase):
         # airplanes, then 1,000 automobiles, ...): the pictures over many images must sample them
         # all, not take the first ones.
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = os.path.join(tmp, "m.pt")
-            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
-                                  "--depth", 2, "--heads", 2, "--out", ckpt)
-            self.assertEqual(code, 0, log)
+            ckpt = self.short_run(tmp)
             fake = datasets.load_data("fake", fake_size=(100, 3000))
             order = fake.test.labels.argsort(stable=True)
             fake.test = datasets.Split(fake.test.images[order], fake.test.labels[order])   # by class
@@ -1067,10 +1069,7 @@ class TestVisualize(unittest.TestCase):
 
     def test_own_images_of_any_mode(self):
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = os.path.join(tmp, "m.pt")
-            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
-                                  "--depth", 2, "--heads", 2, "--pool", "mean", "--out", ckpt)
-            self.assertEqual(code, 0, log)
+            ckpt = self.short_run(tmp, "--pool", "mean")
             paths = []
             for mode, size in (("L", (40, 30)), ("P", (20, 20)), ("RGBA", (64, 64)), ("CMYK", (33, 17)),
                                ("I;16", (25, 25))):
