@@ -578,9 +578,9 @@ def run(args):
         dataset = info.get("dataset", "cifar10")
         data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
         data = datasets.load_data(dataset, data_dir, cfg.image_size)
-        # The test images in a random order: an image folder lists them class by class, so its
-        # first 2,000 would be two classes only, and the confusion matrix and the embeddings take
-        # 2,000 (`sample`).
+        # The test images in a random order, from which every picture takes its images: an image
+        # folder lists them class by class, so the 2,000 that the confusion matrix and the
+        # embeddings use must be a random sample, not the first 2,000 (two classes of CIFAR-10).
         pick = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(args.seed))
         sample = pick[:2000]
     mean, std = info.get("mean") or data.mean, info.get("std") or data.std
