@@ -1053,18 +1053,23 @@ class TestVisualize(unittest.TestCase):
             fake = datasets.load_data("fake", fake_size=(100, 3000))
             order = fake.test.labels.argsort(stable=True)
             fake.test = datasets.Split(fake.test.images[order], fake.test.labels[order])   # by class
-            seen = {}
-            record = lambda name: lambda self, images, labels: seen.setdefault(name, set(labels.tolist()))
+            seen = {}                                   # picture -> the classes of its images
+
+            def recorder(name):                         # stands in for a picture, keeps its labels
+                def record(self, images, labels):
+                    seen[name] = set(labels.tolist())
+                return record
             with unittest.mock.patch.object(datasets, "load_data", return_value=fake), \
-                    unittest.mock.patch.object(visualize.Visualizer, "confusion", record("confusion")), \
-                    unittest.mock.patch.object(visualize.Visualizer, "cls_embeddings", record("embeddings")), \
+                    unittest.mock.patch.object(visualize.Visualizer, "confusion", recorder("confusion")), \
+                    unittest.mock.patch.object(visualize.Visualizer, "cls_embeddings", recorder("embeddings")), \
                     contextlib.redirect_stdout(io.StringIO()):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--only", "predictions,cls_embeddings"]), 0)
             self.assertEqual(seen, {"confusion": set(range(10)), "embeddings": set(range(10))})
 
     def test_plot_ticks_are_round_numbers(self):
-        self.assertEqual([f"{t:.3g}" for t in visualize.round_ticks(0.346, 0.822)], ["0.4", "0.5", "0.6", "0.7", "0.8"])
-        self.assertEqual([f"{t:.3g}" for t in visualize.round_ticks(0.668, 1.93)], ["0.75", "1", "1.25", "1.5", "1.75"])
+        labels = lambda lo, hi: [f"{t:.3g}" for t in visualize.round_ticks(lo, hi)]
+        self.assertEqual(labels(0.346, 0.822), ["0.4", "0.5", "0.6", "0.7", "0.8"])
+        self.assertEqual(labels(0.668, 1.93), ["0.75", "1", "1.25", "1.5", "1.75"])
         self.assertEqual(visualize.round_ticks(-3.2, 4.1), [-2, 0, 2, 4])
 
     def test_own_images_of_any_mode(self):
