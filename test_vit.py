@@ -254,6 +254,8 @@ class TestData(unittest.TestCase):
                 self.assertTrue(torch.equal(out[b], want.to(torch.uint8)), (p, H, W, b))
         self.assertGreater(flip.sum().item(), 2)        # both branches were taken
         self.assertIs(datasets.crop_flip(x, 0, False), x)
+        which = torch.rand(16) < 0.5                    # or the images to mirror, given
+        self.assertTrue(torch.equal(datasets.crop_flip(x, 0, which), torch.where(which[:, None, None, None], x.flip(-1), x)))
         self.assertIsNone(datasets.train_transform())  # nothing left to do per image by default
 
     def test_normalize(self):
@@ -561,7 +563,8 @@ class TestReliability(unittest.TestCase):
                      (("--device", "banana"), 2, "not a device name"),
                      (("--batch-size", 0), 2, "--batch-size 0 must be positive"),
                      (("--pretrained", good, "--attn-init", "mimetic"), 2, "with --pretrained every weight"),
-                     (("--val-split", 1.5), 1, "--val-split is a fraction")]
+                     (("--val-split", 1.5), 1, "--val-split is a fraction"),
+                     (("--flip", "alternate", "--repeat-aug", 3), 2, "use --flip random with --repeat-aug")]
             for argv, want_code, words in cases:
                 with self.subTest(argv=argv):
                     code, out = run_train(*self.SMALL, "--epochs", 1, "--out", os.path.join(tmp, "x.pt"), *argv)
@@ -577,7 +580,7 @@ class TestReliability(unittest.TestCase):
             # attention is so sharp that float rounding (the sums are split differently) grows past
             # the tolerance, and with the PCA one the patch embeddings ended up to 1.3e-4 apart on an
             # AVX-512 Intel CPU. Equal training is what is tested here, not those starts.
-            common = [*map(str, self.SMALL), "--epochs", "1", "--crop-padding", "0", "--no-flip",
+            common = [*map(str, self.SMALL), "--epochs", "1", "--crop-padding", "0", "--flip", "none",
                       "--device", "cpu", "--attn-init", "random", "--patch-init", "random"]
             env = dict(os.environ, OMP_NUM_THREADS="1")
             two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -712,7 +715,7 @@ class TestFineTuning(unittest.TestCase):
 
     def test_grad_accum_gives_the_same_training(self):
         with tempfile.TemporaryDirectory() as tmp:
-            common = (*self.SMALL, "--dim", 32, "--depth", 2, "--heads", 2, "--crop-padding", 0, "--no-flip",
+            common = (*self.SMALL, "--dim", 32, "--depth", 2, "--heads", 2, "--crop-padding", 0, "--flip", "none",
                       "--attn-init", "random")         # as in test_two_processes_match_one
             self.assertEqual(run_train(*common, "--out", f"{tmp}/a.pt")[0], 0)
             code, log = run_train(*common, "--grad-accum", 5, "--out", f"{tmp}/b.pt")
@@ -800,17 +803,43 @@ class TestRecipe(unittest.TestCase):
         self.assertEqual(list(plain), list(datasets.EpochSampler(10, 1, 0))[4:])
 
     def test_training_flags_change_the_weights(self):
-        base, _ = self.train_weights("--crop-padding", 0, "--no-flip")
+        base, _ = self.train_weights("--crop-padding", 0, "--flip", "none")
         for flags in (("--mixup", 0.8), ("--cutmix", 1.0), ("--augment", "randaugment"),
                       ("--random-erasing", 0.5), ("--repeat-aug", 3), ("--label-smoothing", 0.3),
                       ("--drop-path", 0.2), ("--weight-decay", 0.5), ("--dropout", 0.2),
                       ("--crop-padding", 4), ("--pos-init", "random"), ("--patch-init", "random"),
                       ("--attn-init", "random"), ("--low-res", 16, "--low-res-epochs", 1),
-                      ("--optimizer", "adamw")):
+                      ("--optimizer", "adamw"), ("--flip", "alternate"), ("--flip", "random")):
             with self.subTest(flags=flags):
-                ckpt, _ = self.train_weights("--crop-padding", 0, "--no-flip", *flags)
+                ckpt, _ = self.train_weights("--crop-padding", 0, "--flip", "none", *flags)
                 diff = (ckpt["model"]["blocks.0.mlp.fc1.weight"] - base["model"]["blocks.0.mlp.fc1.weight"]).abs().max()
                 self.assertGreater(diff.item(), 1e-6, flags)
+
+    def test_alternating_flips(self):
+        first = torch.rand(1000, generator=torch.Generator().manual_seed(0)) < 0.5
+        index = torch.randperm(1000)[:50]
+        flips = [datasets.alternating_flips(index, epoch, first) for epoch in range(4)]
+        self.assertTrue(torch.equal(flips[0], first[index]))
+        for a, b in zip(flips, flips[1:]):
+            self.assertTrue(torch.equal(b, ~a))         # each image the other way round from before
+        # In training: what the loop mirrors, epoch by epoch, for the images it drew.
+        seen, real = [], datasets.alternating_flips
+
+        def recorder(index, epoch, first):
+            seen.append((index.clone(), epoch, real(index, epoch, first)))
+            return seen[-1][2]
+        with unittest.mock.patch.object(datasets, "alternating_flips", recorder):
+            ckpt, log = self.train_weights("--epochs", 2)
+        self.assertIn("alternate flips", log)                             # the default
+        mirrored = [{}, {}]                                               # epoch -> {image: mirrored}
+        for index, epoch, flip in seen:
+            mirrored[epoch].update(zip(index.tolist(), flip.tolist()))
+        self.assertEqual(len(mirrored[0]), 1000)                          # every fake training image
+        self.assertTrue(all(mirrored[1][i] != m for i, m in mirrored[0].items()))
+        self.assertTrue(400 < sum(mirrored[0].values()) < 600)            # about half, each epoch
+        self.assertEqual(ckpt["args"]["flip"], "alternate")
+        # Repeated augmentation shows copies of an image in one epoch: they get coins instead.
+        self.assertIn("random flips", self.train_weights("--repeat-aug", 3)[1])
 
     def test_progressive_resizing(self):
         # 16 -> 32 pixels over 4 epochs, in whole 4-pixel patches, then the full size; off by default

@@ -71,7 +71,7 @@ PRESETS = {
                          optimizer="adamw", lr=1e-3,
                          warmup_epochs=10, weight_decay=0.05, label_smoothing=0.1, drop_path=0.1,
                          augment="autoaugment", mixup=1.0, cutmix=1.0, random_erasing=0.25,
-                         repeat_aug=3, crop_padding=4),
+                         repeat_aug=3, crop_padding=4, flip="random"),
     # The same model on a short schedule with large batches and lighter regularisation, for a
     # result within minutes on one GPU; with Muon, the default, since short runs are where it helped.
     "cifar10-fast": dict(dataset="cifar10", model="cifar_small", epochs=30, batch_size=512, lr=2e-3,
@@ -103,7 +103,10 @@ def get_parser():
     a("--crop-padding", type=int, default=2, help="random crop of the image padded by this many "
       "pixels; 0 turns it off (default: 2, measured ahead of the usual 4 in 2-epoch runs and no "
       "worse in 10; the long-run presets use 4)")
-    a("--no-flip", action="store_true", help="turn off random horizontal flips")
+    a("--flip", choices=["alternate", "random", "none"], help="horizontal flips: alternate mirrors "
+      "each image in every other epoch (Jordan 2024), random tosses a coin per image and epoch, none "
+      "turns them off (default: alternate; random with --repeat-aug, whose copies of an image would "
+      "otherwise all be mirrored alike)")
     a("--augment", default="none", choices=datasets.AUGMENTS, help="a policy of stronger random "
       "changes per image (default: none)")
     a("--random-erasing", type=float, default=0.0, help="probability of blanking a random rectangle "
@@ -621,13 +624,17 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
     sums = torch.zeros(3, device=device) if sums is None else sums.to(device)
     progress = Progress(len(loader) // accum, ctx["prefix"], ctx["rank"] == 0)
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, labels) in enumerate(loader):
+    for i, (images, labels, index) in enumerate(loader):
         if i == len(loader) // accum * accum:
             break                                 # a few batches short of a whole step: skip them
         last = (i + 1) % accum == 0               # the last part of this optimizer step
         images = images.to(device, non_blocking=True)                     # (B, C, H, W) uint8
         labels = labels.to(device, non_blocking=True)                     # (B,)
-        images = datasets.crop_flip(images, *ctx["crop_flip"])            # at the stored size
+        if ctx["flip"] == "alternate":
+            flip = datasets.alternating_flips(index, ctx["epoch"], ctx["first_flip"])   # (B,) bool
+        else:
+            flip = ctx["flip"] == "random"
+        images = datasets.crop_flip(images, ctx["crop_padding"], flip)    # at the stored size
         x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["train_size"])   # (B, C, H, W) float
         target = labels
         if ctx["mixer"] is not None:
@@ -776,6 +783,8 @@ def run(args):
     for k, v in MODE_DEFAULTS[mode].items():      # flags left unset take the mode's default
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.flip is None:
+        args.flip = "random" if args.repeat_aug > 1 else "alternate"
     dataset = args.dataset or "cifar10"
     data_dir = args.data_dir or "./data"
     check_args(args, world)
@@ -903,7 +912,10 @@ def run(args):
                mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device),
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
                grad_accum=args.grad_accum, prefix="", stop=StopRequest(), ema=ema, raw_model=model,
-               crop_flip=(args.crop_padding, not args.no_flip), tta=args.tta,
+               crop_padding=args.crop_padding, flip=args.flip, epoch=0, tta=args.tta,
+               # Which images epoch 0 mirrors under --flip alternate: a random half, drawn from the
+               # seed alone, so every process and a resumed run agree on it.
+               first_flip=torch.rand(len(train_set), generator=torch.Generator().manual_seed(args.seed)) < 0.5,
                mixer=datasets.batch_mixer(cfg.num_classes, args.mixup, args.cutmix))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -915,7 +927,8 @@ def run(args):
             f"patch embedding {'whitened PCA of training patches' if args.patch_init == 'pca' else 'random'}, "
             f"attention {'mimetic (qk ~ +I, vo ~ -I)' if args.attn_init == 'mimetic' else 'random'}")
     say(f"data {dataset}: {len(data.train)} train, {len(data.val) if data.val else 0} val, "
-        f"{len(data.test)} test images, {len(data.classes)} classes; evaluating on {eval_name}")
+        f"{len(data.test)} test images, {len(data.classes)} classes; evaluating on {eval_name}; "
+        f"crop padding {args.crop_padding}, {args.flip} flips")
     say(f"device {device}, precision {amp_dtype or 'fp32'}, {world} process(es), global batch "
         f"{args.batch_size}{f' in {args.grad_accum} parts' if args.grad_accum > 1 else ''}, "
         f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {lr:.2e}, "
@@ -954,6 +967,7 @@ def run(args):
         partial = resume.get("partial_epoch") if resume else None   # sums of an interrupted epoch
         for epoch in range(start_epoch, args.epochs):
             sampler.set_epoch(epoch)
+            ctx["epoch"] = epoch
             sampler.skip = (step - epoch * steps_per_epoch) * (args.batch_size // world)
             side = train_size_at(epoch, cfg.image_size, args.low_res, args.low_res_epochs, cfg.patch_size)
             ctx["train_size"] = (side, side)
@@ -1057,14 +1071,13 @@ def run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, arg
         it = iter(loader)
         for _ in range(n):
             try:
-                images, labels = next(it)
+                images = next(it)[0]
             except StopIteration:
                 it = iter(loader)
-                images, labels = next(it)
+                images = next(it)[0]
             images.to(device, non_blocking=True)
 
-    images, labels = next(iter(loader))
-    one = [(images, labels)] * 1000
+    one = [next(iter(loader))] * 1000
 
     def model_only(n):                         # the same batch again and again: no loading at all
         train_one_epoch(train_model, one[:n], optimizer, scaler, 0, sched, ctx)
@@ -1116,6 +1129,8 @@ def resumed_args(args, ckpt, say):
                and k not in ("resume", "out", "device", "workers")}
     if changed:
         say("changed on resume: " + ", ".join(f"{k}={v} (was {saved[k]})" for k, v in changed.items()))
+    if "no_flip" in saved:           # a checkpoint from before --flip: it flipped at random, or not
+        saved = dict(saved, flip="none" if saved["no_flip"] else "random")
     merged = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **given}
     return argparse.Namespace(**merged)
 
@@ -1154,6 +1169,9 @@ def check_args(args, world):
     if args.low_res < 0 or args.low_res_epochs < 0 or bool(args.low_res) != bool(args.low_res_epochs):
         raise ValueError("--low-res SIZE and --low-res-epochs N go together, both positive (e.g. "
                          "--low-res 16 --low-res-epochs 3)")
+    if args.flip == "alternate" and args.repeat_aug > 1:
+        raise ValueError("--flip alternate decides per image and epoch, so the --repeat-aug copies of "
+                         "an image would all be mirrored alike; use --flip random with --repeat-aug")
     if args.head_only and not args.pretrained and not args.resume:
         raise ValueError("--head-only trains only the head of a pretrained model: add --pretrained")
 

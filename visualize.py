@@ -510,15 +510,19 @@ class Visualizer:
         a = self.ckpt.get("args", {})
         tf = datasets.train_transform(a.get("augment", "none"), a.get("random_erasing", 0.0))
         originals = train_images[:8]                                        # (8, C, H, W) uint8
+        flip = a.get("flip", "none" if a.get("no_flip") else "random")    # (older checkpoints: no_flip)
+        first = torch.rand(8) < 0.5                                         # epoch 0's mirrored ones
         rows = [[image_tile(x) for x in originals]]
-        for _ in range(3):                 # the training pipeline: per image, then the batch's crop+flip
+        for epoch in range(3):             # the training pipeline: per image, then the batch's crop+flip
             seen = torch.stack([tf(x) for x in originals]) if tf else originals
-            seen = datasets.crop_flip(seen, a.get("crop_padding", 4), not a.get("no_flip", False))
+            mirror = datasets.alternating_flips(torch.arange(8), epoch, first) if flip == "alternate" \
+                else flip == "random"
+            seen = datasets.crop_flip(seen, a.get("crop_padding", 4), mirror)
             rows.append([image_tile(x) for x in seen])
-        picture = grid_picture(rows, ["original", "augmented", "augmented", "augmented"],
+        picture = grid_picture(rows, ["original", "epoch 1", "epoch 2", "epoch 3"],
                                title="training images as the model saw them")
-        self.save(picture, "augmentation.png", "top row: training images; below: three random "
-                  "augmentations of each, as in training (check that the label is still obvious)")
+        self.save(picture, "augmentation.png", "top row: training images; below: each image as three "
+                  "epochs of training augmented it (check that the label is still obvious)")
 
 
 def parse_args(argv=None):
