@@ -342,6 +342,13 @@ def alternating_flips(index, epoch, first):
     return first[index] ^ (epoch % 2 == 1)
 
 
+def flips_for(mode, index, epoch, first):
+    """crop_flip's `flip` under train.py's --flip MODE: a (B,) mask for alternate, else a bool."""
+    if mode == "alternate":
+        return alternating_flips(index, epoch, first)
+    return mode == "random"
+
+
 def batch_mixer(num_classes, mixup=0.0, cutmix=0.0):
     """Mixup (Zhang et al. 2018) and CutMix (Yun et al. 2019) on whole batches, or None.
 

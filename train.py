@@ -630,10 +630,7 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
         last = (i + 1) % accum == 0               # the last part of this optimizer step
         images = images.to(device, non_blocking=True)                     # (B, C, H, W) uint8
         labels = labels.to(device, non_blocking=True)                     # (B,)
-        if ctx["flip"] == "alternate":
-            flip = datasets.alternating_flips(index, ctx["epoch"], ctx["first_flip"])   # (B,) bool
-        else:
-            flip = ctx["flip"] == "random"
+        flip = datasets.flips_for(ctx["flip"], index, ctx["epoch"], ctx["first_flip"])
         images = datasets.crop_flip(images, ctx["crop_padding"], flip)    # at the stored size
         x = datasets.normalize(images, ctx["mean"], ctx["std"], ctx["train_size"])   # (B, C, H, W) float
         target = labels

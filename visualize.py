@@ -515,8 +515,7 @@ class Visualizer:
         rows = [[image_tile(x) for x in originals]]
         for epoch in range(3):             # the training pipeline: per image, then the batch's crop+flip
             seen = torch.stack([tf(x) for x in originals]) if tf else originals
-            mirror = datasets.alternating_flips(torch.arange(8), epoch, first) if flip == "alternate" \
-                else flip == "random"
+            mirror = datasets.flips_for(flip, torch.arange(8), epoch, first)
             seen = datasets.crop_flip(seen, a.get("crop_padding", 4), mirror)
             rows.append([image_tile(x) for x in seen])
         picture = grid_picture(rows, ["original", "epoch 1", "epoch 2", "epoch 3"],
