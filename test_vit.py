@@ -841,6 +841,14 @@ class TestRecipe(unittest.TestCase):
         # Repeated augmentation shows copies of an image in one epoch: they get coins instead.
         self.assertIn("random flips", self.train_weights("--repeat-aug", 3)[1])
 
+    def test_default_learning_rate_follows_the_optimizer(self):
+        # Measured best for each (train.MODE_DEFAULTS): 2e-3 for Muon, 1e-3 for AdamW everywhere.
+        # A flag still wins.
+        for flags, lr in [((), 2e-3), (("--optimizer", "adamw"), 1e-3), (("--lr", 5e-4), 5e-4)]:
+            ckpt, log = self.train_weights(*flags)
+            self.assertEqual(ckpt["args"]["lr"], lr, flags)
+            self.assertIn(f"peak lr {lr:.2e}", log)
+
     def test_progressive_resizing(self):
         # 16 -> 32 pixels over 4 epochs, in whole 4-pixel patches, then the full size; off by default
         self.assertEqual([train.train_size_at(e, 32, 16, 4, 4) for e in range(6)], [16, 20, 24, 28, 32, 32])
