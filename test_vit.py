@@ -842,8 +842,8 @@ class TestRecipe(unittest.TestCase):
         self.assertIn("random flips", self.train_weights("--repeat-aug", 3)[1])
 
     def test_default_learning_rate_follows_the_optimizer(self):
-        # Measured best for each (train.MODE_DEFAULTS): 2e-3 for Muon, 1e-3 for AdamW everywhere.
-        # A flag still wins.
+        # Measured best for each (train.MODE_DEFAULTS): 2e-3 with Muon, 1e-3 when AdamW trains
+        # every weight. A flag still wins.
         for flags, lr in [((), 2e-3), (("--optimizer", "adamw"), 1e-3), (("--lr", 5e-4), 5e-4)]:
             ckpt, log = self.train_weights(*flags)
             self.assertEqual(ckpt["args"]["lr"], lr, flags)
