@@ -387,6 +387,7 @@ class TestTraining(unittest.TestCase):
                 lines = [json.loads(line) for line in f]
             self.assertEqual([line["epoch"] for line in lines], [1, 2])
             self.assertGreater(lines[-1]["eval_acc"], 0.2)   # above chance (0.1): it learns
+            self.assertFalse(lines[-1]["eval_tta"])
             code, log = run_train("--eval-only", "--ckpt", out)
             self.assertEqual(code, 0, log)
             last = log.strip().splitlines()[-1]
@@ -395,6 +396,15 @@ class TestTraining(unittest.TestCase):
             code, log = run_train("--eval-only", "--ckpt", out, "--tta")
             self.assertEqual(code, 0, log)
             self.assertIn("each with its mirror image (--tta)", log)
+            # --tta in a training run evaluates every epoch that way; its log must say so, or its
+            # accuracy would be read as the plain one.
+            tta_out = os.path.join(tmp, "tta.pt")
+            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 50, "--dim", 32,
+                                  "--depth", 2, "--heads", 2, "--out", tta_out, "--tta")
+            self.assertEqual(code, 0, log)
+            self.assertIn("test (tta) loss", log)
+            with open(os.path.join(tmp, "tta.metrics.jsonl")) as f:
+                self.assertTrue(json.loads(f.readline())["eval_tta"])
 
     def test_bad_input_is_one_sentence(self):
         with tempfile.TemporaryDirectory() as tmp:

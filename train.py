@@ -929,8 +929,9 @@ def run(args):
             f"patch embedding {'whitened PCA of training patches' if args.patch_init == 'pca' else 'random'}, "
             f"attention {'mimetic (qk ~ +I, vo ~ -I)' if args.attn_init == 'mimetic' else 'random'}")
     say(f"data {dataset}: {len(data.train)} train, {len(data.val) if data.val else 0} val, "
-        f"{len(data.test)} test images, {len(data.classes)} classes; evaluating on {eval_name}; "
-        f"crop padding {args.crop_padding}, {args.flip} flips")
+        f"{len(data.test)} test images, {len(data.classes)} classes; evaluating on {eval_name}"
+        f"{' with mirror images (--tta)' if args.tta else ''}; crop padding {args.crop_padding}, "
+        f"{args.flip} flips")
     say(f"device {device}, precision {amp_dtype or 'fp32'}, {world} process(es), global batch "
         f"{args.batch_size}{f' in {args.grad_accum} parts' if args.grad_accum > 1 else ''}, "
         f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {lr:.2e}, "
@@ -989,14 +990,15 @@ def run(args):
                 totals[1].item() / totals[2].item(), int(totals[2].item())
             eval_loss, eval_acc = evaluate(eval_model, eval_split, ctx)
             record = dict(epoch=epoch + 1, step=step, train_loss=round(train_loss, 4),
-                          train_acc=round(train_acc, 4), eval_split=eval_name,
+                          train_acc=round(train_acc, 4), eval_split=eval_name, eval_tta=args.tta,
                           eval_loss=round(eval_loss, 4), eval_acc=round(eval_acc, 4),
                           lr=lr_at(step - 1, **sched), images_per_s=round(n / train_time, 1),
                           epoch_s=round(time.time() - t0, 1), elapsed_s=round(time.time() - run_start, 1),
                           train_size=side)
             history.append(record)
             say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc "
-                f"{100 * train_acc:5.2f}%  {eval_name} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
+                f"{100 * train_acc:5.2f}%  {eval_name}{' (tta)' if args.tta else ''} loss {eval_loss:.3f} "
+                f"acc {100 * eval_acc:5.2f}%  "
                 f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
                 f"{format_time(record['elapsed_s'])}")
             if is_main:
