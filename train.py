@@ -905,6 +905,9 @@ def run(args):
         generator=torch.Generator().manual_seed(args.seed))
 
     eval_name, eval_split = ("val", data.val) if data.val is not None else ("test", data.test)
+    # With --tta every epoch's evaluation averages each image with its mirror; the epoch lines
+    # and the metrics log say so, or its accuracy would be read as the plain one.
+    eval_label = f"{eval_name} (tta)" if args.tta else eval_name
     autocast = autocast_for(device, amp_dtype)
     ema = EMA(model, args.ema) if args.ema > 0 else None
     if ema is not None and resume:
@@ -997,8 +1000,7 @@ def run(args):
                           train_size=side)
             history.append(record)
             say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc "
-                f"{100 * train_acc:5.2f}%  {eval_name}{' (tta)' if args.tta else ''} loss {eval_loss:.3f} "
-                f"acc {100 * eval_acc:5.2f}%  "
+                f"{100 * train_acc:5.2f}%  {eval_label} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
                 f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
                 f"{format_time(record['elapsed_s'])}")
             if is_main:
