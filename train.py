@@ -134,7 +134,8 @@ def get_parser():
     a("--depth", type=int, help="number of blocks (default: the model's)")
     a("--heads", type=int, help="attention heads; must divide --dim (default: the model's)")
     a("--mlp-ratio", type=float, help="MLP width as a multiple of D (default: the model's)")
-    a("--pool", choices=["cls", "mean"], help="classify the class token (paper) or the mean token")
+    a("--pool", choices=["cls", "mean"], help="classify the class token (Eq. 4) or the mean of the "
+      "patch tokens (default: the model's: mean for cifar_tiny, cls for the others)")
     a("--dropout", type=float, help="dropout rate (default: 0)")
     a("--drop-path", type=float, help="stochastic depth rate of the last block (default: 0)")
     a("--pos-init", choices=["random", "sincos"], default="sincos", help="first values of the learned "
