@@ -1081,6 +1081,8 @@ class TestVisualize(unittest.TestCase):
             with contextlib.redirect_stdout(out):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--num-images", "4"]), 0)
             self.assertIn("no class token", out.getvalue())            # cifar_tiny's mean token
+            self.assertIn("the final mean token draws on", out.getvalue())        # rollout
+            self.assertIn("of the attention each patch receives, averaged", out.getvalue())   # the gif
             folder = os.path.join(tmp, "m_vis")
             expected = {"attention.png": (150 + 4 * 98 + 2, 40 + 4 * 98 + 2),   # image, mean, 2 heads; 4 rows
                         "rollout.png": (150 + 3 * 98 + 2, 22 + 18 + 4 * 98 + 2),
@@ -1142,6 +1144,7 @@ class TestVisualize(unittest.TestCase):
                 code = visualize.main(["--ckpt", ckpt, "--images", *paths, "--only", "attention,rollout,blocks"])
             self.assertEqual(code, 0)
             self.assertIn("class-token attention", out.getvalue())
+            self.assertIn("the final class token draws on", out.getvalue())       # rollout
             self.assertNotIn("no class token", out.getvalue())
             with Image.open(os.path.join(tmp, "m_vis", "attention.png")) as im:
                 self.assertEqual(im.size[1], 40 + 5 * 98 + 2)               # one row per image
@@ -1152,6 +1155,15 @@ class TestVisualize(unittest.TestCase):
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", not_image]), 1)
             self.assertIn("is not an image", err.getvalue())
+            # A wrong data folder is an error too, and leaves no empty picture folder behind.
+            folder_ckpt = torch.load(ckpt, weights_only=True)
+            folder_ckpt["data"]["dataset"] = "folder"                      # as if trained on images
+            torch.save(folder_ckpt, f"{tmp}/folder.pt")
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(visualize.main(["--ckpt", f"{tmp}/folder.pt", "--data-dir",
+                                                 f"{tmp}/nowhere", "--out", f"{tmp}/pictures"]), 1)
+            self.assertIn("does not exist", err.getvalue())
+            self.assertFalse(os.path.exists(f"{tmp}/pictures"))
 
 
 if __name__ == "__main__":

@@ -337,8 +337,11 @@ class Visualizer:
                                ["image", "rollout", "rollout map"],
                                title=f"attention rollout ({self.args.head_fusion} over heads, "
                                      f"discard {self.args.discard_ratio})")
+        # Without a class token the head sees the mean of the final tokens, so the mean of the
+        # rollout's rows (cls_attention's column mean) is what that mean token draws on.
         self.save(picture, "rollout.png", "attention rolled out through all layers (residuals "
-                  "included): which input patches the final class token draws on")
+                  f"included): which input patches the final {'class' if self.has_cls else 'mean'} "
+                  "token draws on")
 
     def figure7(self):
         m = self.model
@@ -503,8 +506,9 @@ class Visualizer:
             tile = grid_picture([[image_tile(img[0], 192), heat_tile(m, img[0], 192)]],
                                 title=f"layer {l + 1}/{L}")
             frames.append(tile)
-        self.save(frames, "attention_layers.gif", "an animation through the layers of the mean "
-                  "class-token attention for the first image")
+        what = "class-token attention" if self.has_cls else "attention each patch receives"
+        self.save(frames, "attention_layers.gif", f"an animation through the layers of the {what}, "
+                  "averaged over the heads, for the first image")
 
     def augmentation(self, train_images):
         a = self.ckpt.get("args", {})
@@ -572,7 +576,6 @@ def run(args):
     info = ckpt.get("data", {})
     classes = info.get("classes") or [str(k) for k in range(cfg.num_classes)]
     out = args.out or os.path.splitext(args.ckpt)[0] + "_vis"
-    os.makedirs(out, exist_ok=True)
     args.layer = (args.layer - 1) if args.layer > 0 else (args.layer if args.layer < 0 else cfg.depth // 2)
 
     data = None
@@ -597,6 +600,7 @@ def run(args):
         shown = pick[:args.num_images]
         images, labels = data.test.images[shown], data.test.labels[shown].tolist()
         many = data.test.images[pick[:max(256, args.num_images)]]   # for Figure 7's distances
+    os.makedirs(out, exist_ok=True)        # only now: a wrong data folder leaves no empty one behind
     v = Visualizer(model, ckpt, images, labels, classes, mean, std, out, args,
                    many=None if args.images else many)
     print(f"{args.ckpt}: {cfg.depth} layers, {cfg.heads} heads, {cfg.grid[0]}x{cfg.grid[1]} patches, "
