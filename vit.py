@@ -93,13 +93,14 @@ class ViTConfig:
 MODELS = {
     # the CPU default, sized so that the 10-epoch CPU run takes no longer than a tutorial's ViT on
     # the same two cores (results/README.md, "A faster model for the same time"): 64 wide, 2 heads
-    # of 32, 0.26M parameters. 96 wide and 3 heads (then with the class token) ended 2.2 points higher but
-    # took 1.59x the time, 1.54x the tutorial's on a machine without AVX-512. Its MLP is 3x the
-    # width, not the 2x of the other CIFAR shapes: at 96 wide, 3x ended 0.40 points higher on
-    # average over three seeds ("Tries on top of Muon"). It classifies the mean of the patch tokens
-    # instead of a class token, the alternative the paper's Appendix D.3 finds as good (Figure 9):
-    # in the 10-epoch CPU run it ended 0.67 points higher on average over three seeds, ahead at
-    # each ("The mean token instead of the class token"). --pool cls gives the class token back.
+    # of 32, 0.26M parameters. 96 wide and 3 heads (then with the class token) ended 2.2 points
+    # higher but took 1.59x the time, 1.54x the tutorial's on a machine without AVX-512. Its MLP
+    # is 3x the width, not the 2x of the other CIFAR shapes: at 96 wide, 3x ended 0.40 points
+    # higher on average over three seeds ("Tries on top of Muon"). It classifies the mean of the
+    # patch tokens instead of a class token, the alternative the paper's Appendix D.3 finds as
+    # good (Figure 9): in the 10-epoch CPU run it ended 0.67 points higher on average over three
+    # seeds, ahead at each ("The mean token instead of the class token"). --pool cls gives the
+    # class token back.
     "cifar_tiny": dict(dim=64, depth=6, heads=2, mlp_ratio=3.0, pool="mean"),
     # the plain-ViT baseline of Lee et al. 2021 ("ViT for Small-Size Datasets"), about 2.7M parameters
     "cifar_small": dict(dim=192, depth=9, heads=12, mlp_ratio=2.0),
