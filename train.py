@@ -50,8 +50,9 @@ TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 # optimizer: with Muon, 3e-3 for the mean-token model that is the default, 0.47 points above 2e-3
 # on average over three seeds (results/README.md, "The learning rate for the mean token"); the
 # class-token model of before did best at 2e-3, 1.4 points above 1e-3 ("The learning rate with
-# Muon"): as the paper's Figure 9 found, the two poolings want their own rates. With AdamW for
-# everything, 2e-3 ended 0.9 points below 1e-3 in one run.
+# Muon"): as the paper's Figure 9 found, the two poolings want their own rates. A wider model
+# wants less: at 96 wide, 2e-3 ended 0.9 points above 3e-3 at one seed ("A larger rate still").
+# With AdamW for everything, 2e-3 ended 0.9 points below 1e-3 in one run.
 # Fine-tuning pretrained weights: the paper's recipe (Sec. 4.1, Table 4, Appendix B.1.1): SGD with
 # momentum 0.9, no weight decay, a short warmup, cosine decay, clipping at global norm 1.
 MODE_DEFAULTS = {
@@ -160,7 +161,8 @@ def get_parser():
       "matrices, AdamW for the rest (from scratch); adamw for all, as the paper; sgd with momentum 0.9 "
       "(fine-tuning) (default: by mode)")
     a("--lr", type=float, help="peak learning rate (default: from scratch 3e-3 with Muon, measured for "
-      "the mean token; with --pool cls 2e-3 did better; 1e-3 with --optimizer adamw; 0.01 fine-tuning)")
+      "the mean token; with --pool cls, or --dim 96, 2e-3 did better; 1e-3 with --optimizer adamw; "
+      "0.01 fine-tuning)")
     a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine (default: 1e-5)")
     a("--warmup-epochs", type=float, help="epochs of linear warmup (default: 1 from scratch, 0.2 "
       "fine-tuning)")
