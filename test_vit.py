@@ -496,6 +496,28 @@ class TestReliability(unittest.TestCase):
             ckpt = train.load_checkpoint(out)
             self.assertGreaterEqual(ckpt["step"], 20)
 
+    def test_compile_without_its_tools_fails_at_once_in_one_sentence(self):
+        # Stand in for a machine without a C++ compiler: compiled functions fail when first called,
+        # as PyTorch's do there, with PyTorch's message.
+        def broken_compile(fn, **kwargs):
+            def call(*args):
+                raise RuntimeError("backend='inductor' raised:\nInvalidCxxCompiler: No working C++ "
+                                   "compiler found in torch._inductor.config.cpp.cxx: (None, 'g++')")
+            return call
+        real, torch.compile = torch.compile, broken_compile
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = os.path.join(tmp, "m.pt")
+                code, log = run_train(*self.SMALL, "--epochs", 1, "--compile", "--out", out)
+                self.assertFalse(os.path.exists(out))             # stopped before any training
+        finally:
+            torch.compile = real
+        self.assertEqual(code, 2, log)
+        self.assertIn("--compile: torch.compile does not work on this machine (InvalidCxxCompiler: No "
+                      "working C++ compiler", log)
+        self.assertIn("train without --compile", log)
+        self.assertNotIn("Traceback", log)
+
     def test_stop_request_handler(self):
         stop = train.StopRequest()
         with contextlib.redirect_stderr(io.StringIO()):
