@@ -421,7 +421,12 @@ class TestTraining(unittest.TestCase):
                      (("--eval-only",), 2, "needs --ckpt"),
                      (("--eval-only", "--ckpt", os.path.join(tmp, "none.pt")), 1, "does not exist"),
                      (("--eval-only", "--ckpt", junk), 1, "could not be read"),
-                     (("--out", "/no/such/dir/m.pt"), 2, "does not exist")]
+                     (("--out", "/no/such/dir/m.pt"), 2, "does not exist"),
+                     # nan passes every `x < 0` check, and --mixup nan had silently meant no Mixup
+                     (("--mixup", "nan"), 2, "--mixup must be a finite number, got nan"),
+                     (("--lr", "inf"), 2, "--lr must be a finite number, got inf"),
+                     (("--patience", -1), 2, "can't be negative"),
+                     (("--workers", -1), 2, "can't be negative")]
             for argv, want_code, words in cases:
                 with self.subTest(argv=argv):
                     code, out = run_train("--dataset", "fake", "--epochs", 1, *argv)

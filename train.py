@@ -1157,6 +1157,11 @@ def check_same_weights(model, world):
 
 
 def check_args(args, world):
+    # argparse's float() accepts "nan" and "inf", which pass every comparison below unnoticed
+    # (nan < 0 is False) and would quietly turn a flag off or fail deep inside.
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if args.batch_size <= 0 or args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be positive and divisible by the "
                          f"{world} processes (it is the global batch)")
@@ -1167,6 +1172,9 @@ def check_args(args, world):
         raise ValueError(f"--epochs must be positive, got {args.epochs}")
     if args.lr < 0 or args.weight_decay < 0 or args.warmup_epochs < 0 or args.grad_clip < 0:
         raise ValueError("--lr, --weight-decay, --warmup-epochs and --grad-clip can't be negative")
+    if args.patience < 0 or (args.workers is not None and args.workers < 0):
+        raise ValueError("--patience and --workers can't be negative (--patience 0 never stops early, "
+                         "--workers 0 loads in the training process)")
     if not 0 <= args.label_smoothing < 1:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if not 0 <= args.ema < 1 or args.repeat_aug < 1 or args.mixup < 0 or args.cutmix < 0 \
