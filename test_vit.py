@@ -1183,6 +1183,18 @@ class TestVisualize(unittest.TestCase):
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", not_image]), 1)
             self.assertIn("is not an image", err.getvalue())
+            # Flags out of range are usage errors, found before anything is drawn: the model has 2
+            # layers, and a layer number past them used to wrap around to another layer.
+            mine = ["--ckpt", ckpt, "--images", paths[0], "--only", "attention"]
+            for flags, words in [(("--layer", "3"), "--layer 3: the model has 2 layers"),
+                                 (("--layer", "-3"), "--layer -3: the model has 2 layers"),
+                                 (("--num-images", "65"), "--num-images from 1 to 64"),
+                                 (("--out", os.path.join(paths[0], "sub")), "can't make that folder")]:
+                err = io.StringIO()
+                with self.subTest(flags=flags), contextlib.redirect_stderr(err), \
+                        contextlib.redirect_stdout(io.StringIO()):
+                    self.assertEqual(visualize.main(mine + list(flags)), 2)
+                    self.assertIn(words, err.getvalue())
             # A wrong data folder is an error too, and leaves no empty picture folder behind.
             folder_ckpt = torch.load(ckpt, weights_only=True)
             folder_ckpt["data"]["dataset"] = "folder"                      # as if trained on images

@@ -541,8 +541,9 @@ def parse_args(argv=None):
                    help="how rollout combines heads (default: mean)")
     p.add_argument("--discard-ratio", type=float, default=0.0, help="rollout: fraction of the "
                    "weakest attention links dropped in each layer (default: 0)")
-    p.add_argument("--num-images", type=int, default=8, help="test images to show (default: 8)")
-    p.add_argument("--tile", type=int, default=TILE, help=f"pixels per image in the grids (default: {TILE})")
+    p.add_argument("--num-images", type=int, default=8, help="test images to show, up to 64 (default: 8)")
+    p.add_argument("--tile", type=int, default=TILE, help=f"pixels per image in the grids, 16 to 512 "
+                   f"(default: {TILE})")
     p.add_argument("--data-dir", help="where the checkpoint's dataset is (default: where it was trained from)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="picks the test images (default: 0)")
@@ -563,8 +564,10 @@ def run(args):
     unknown = [s for s in only if s not in PICTURES]
     if unknown:
         raise ValueError(f"--only: unknown picture {', '.join(unknown)}; choose from {', '.join(PICTURES)}")
-    if args.tile < 16 or args.num_images < 1:
-        raise ValueError("--tile must be at least 16 and --num-images at least 1")
+    # Each image is a row of attention.png and rollout.png: 64 rows of 96-pixel tiles is already a
+    # picture 6,000 pixels high, and --num-images 10000 once drew one of 437 million pixels.
+    if not 16 <= args.tile <= 512 or not 1 <= args.num_images <= 64:
+        raise ValueError("--tile must be from 16 to 512 and --num-images from 1 to 64")
     global TILE
     TILE = args.tile                    # the default size of every tile drawn below
     if not 0 <= args.discard_ratio < 1:
@@ -576,6 +579,9 @@ def run(args):
     info = ckpt.get("data", {})
     classes = info.get("classes") or [str(k) for k in range(cfg.num_classes)]
     out = args.out or os.path.splitext(args.ckpt)[0] + "_vis"
+    if not -cfg.depth <= args.layer <= cfg.depth:
+        raise ValueError(f"--layer {args.layer}: the model has {cfg.depth} layers (1 to {cfg.depth}, "
+                         f"or -1 to -{cfg.depth} from the end)")
     args.layer = (args.layer - 1) if args.layer > 0 else (args.layer if args.layer < 0 else cfg.depth // 2)
 
     data = None
@@ -600,7 +606,10 @@ def run(args):
         shown = pick[:args.num_images]
         images, labels = data.test.images[shown], data.test.labels[shown].tolist()
         many = data.test.images[pick[:max(256, args.num_images)]]   # for Figure 7's distances
-    os.makedirs(out, exist_ok=True)        # only now: a wrong data folder leaves no empty one behind
+    try:
+        os.makedirs(out, exist_ok=True)    # only now: a wrong data folder leaves no empty one behind
+    except OSError as e:
+        raise ValueError(f"--out {out}: can't make that folder ({e.strerror})") from None
     v = Visualizer(model, ckpt, images, labels, classes, mean, std, out, args,
                    many=None if args.images else many)
     print(f"{args.ckpt}: {cfg.depth} layers, {cfg.heads} heads, {cfg.grid[0]}x{cfg.grid[1]} patches, "
