@@ -137,6 +137,12 @@ def _image_folder(root, image_size):
     classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
     if not classes:
         raise DataError(f"{train_dir} has no class sub-folders (expected {train_dir}/<class>/<image>)")
+    # Test images of a class the model never trained on could only be counted wrong, or, as the
+    # labels come from train/'s folders, be left out unseen: either way the accuracy would mislead.
+    unknown = sorted({d.name for d in os.scandir(test_dir) if d.is_dir()} - set(classes))
+    if unknown:
+        raise DataError(f"{test_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}; "
+                        f"the model can only learn the classes it trains on")
     return _read_folder(train_dir, classes, image_size), _read_folder(test_dir, classes, image_size), classes
 
 

@@ -221,6 +221,9 @@ class TestData(unittest.TestCase):
             os.makedirs(f"{root}/test/a")
             with self.assertRaisesRegex(datasets.DataError, "no images found"):
                 datasets.load_data("folder", root)
+            os.makedirs(f"{root}/test/b")           # a test class that training never sees
+            with self.assertRaisesRegex(datasets.DataError, "test has class folders that .* lacks: b"):
+                datasets.load_data("folder", root)
         with self.assertRaisesRegex(datasets.DataError, "does not exist"):
             datasets.load_data("folder", "/no/such/folder")
 
