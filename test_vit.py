@@ -413,6 +413,32 @@ class TestTraining(unittest.TestCase):
             with open(os.path.join(tmp, "tta.metrics.jsonl")) as f:
                 self.assertTrue(json.loads(f.readline())["eval_tta"])
 
+    def test_evaluating_on_other_classes_is_refused(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "m.pt")
+            code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
+                                  "--depth", 2, "--heads", 2, "--out", ckpt)
+            self.assertEqual(code, 0, log)
+            # Ten classes, as many as the model predicts, but not its ten (class0 ... class9): label
+            # 0 would be read as class0, and every figure would be wrong without a sign of it.
+            for split in ("train", "test"):
+                for c in range(10):
+                    os.makedirs(f"{tmp}/images/{split}/kind{c}")
+                    Image.new("RGB", (32, 32)).save(f"{tmp}/images/{split}/kind{c}/0.png")
+            words = "was trained on 10 classes (class0, class1, class2, ...), but the images in"
+            code, log = run_train("--eval-only", "--ckpt", ckpt, "--dataset", "folder", "--data-dir",
+                                  f"{tmp}/images")
+            self.assertEqual(code, 1, log)
+            self.assertIn(words, log)
+            folder_ckpt = torch.load(ckpt, weights_only=True)
+            folder_ckpt["data"]["dataset"] = "folder"       # visualize.py reads the checkpoint's dataset
+            torch.save(folder_ckpt, ckpt)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--data-dir", f"{tmp}/images",
+                                                 "--only", "predictions"]), 1)
+            self.assertIn(words, err.getvalue())
+
     def test_bad_input_is_one_sentence(self):
         with tempfile.TemporaryDirectory() as tmp:
             junk = os.path.join(tmp, "junk.pt")

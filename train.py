@@ -1208,9 +1208,7 @@ def run_eval_only(args):
     dataset = args.dataset or info.get("dataset", "cifar10")
     data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
     data = datasets.load_data(dataset, data_dir, cfg.image_size)
-    if len(data.classes) != cfg.num_classes:
-        raise CheckpointError(f"{args.ckpt} predicts {cfg.num_classes} classes but {dataset} has "
-                              f"{len(data.classes)}")
+    check_classes(args.ckpt, ckpt, cfg.num_classes, data, data_dir)
     amp_dtype = pick_precision(args.precision, device)
     ctx = dict(device=device, rank=0, world=1, input_size=cfg.input_size,
                mean=info.get("mean", data.mean), std=info.get("std", data.std),
@@ -1230,6 +1228,18 @@ def check_writable(path):
         raise ValueError(f"--out {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ValueError(f"--out {path} can't be written (no permission); choose another --out")
+
+
+def check_classes(path, ckpt, num_classes, data, data_dir):
+    """Refuse to evaluate a model on images of other classes than it learned: with labels numbered
+    by another list of classes, every accuracy and picture would be wrong without a sign of it."""
+    saved = ckpt.get("data", {}).get("classes")
+    if len(data.classes) != num_classes or (saved and list(saved) != list(data.classes)):
+        names = lambda c: ", ".join(c[:3]) + (", ..." if len(c) > 3 else "")
+        learned = f" ({names(saved)})" if saved else ""
+        raise CheckpointError(f"{path} was trained on {num_classes} classes{learned}, but the images "
+                              f"in {data_dir} are of {len(data.classes)} ({names(data.classes)}); "
+                              f"evaluate it on images of the classes it learned")
 
 
 def check_compile(device):
