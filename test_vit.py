@@ -413,7 +413,7 @@ class TestTraining(unittest.TestCase):
             with open(os.path.join(tmp, "tta.metrics.jsonl")) as f:
                 self.assertTrue(json.loads(f.readline())["eval_tta"])
 
-    def test_evaluating_on_other_classes_is_refused(self):
+    def test_other_classes_than_the_model_learned_are_refused(self):
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = os.path.join(tmp, "m.pt")
             code, log = run_train("--dataset", "fake", "--epochs", 1, "--batch-size", 100, "--dim", 32,
@@ -428,6 +428,10 @@ class TestTraining(unittest.TestCase):
             words = "was trained on 10 classes (class0, class1, class2, ...), but the images in"
             code, log = run_train("--eval-only", "--ckpt", ckpt, "--dataset", "folder", "--data-dir",
                                   f"{tmp}/images")
+            self.assertEqual(code, 1, log)
+            self.assertIn(words, log)
+            code, log = run_train("--resume", ckpt, "--dataset", "folder", "--data-dir", f"{tmp}/images",
+                                  "--batch-size", 5)
             self.assertEqual(code, 1, log)
             self.assertIn(words, log)
             folder_ckpt = torch.load(ckpt, weights_only=True)

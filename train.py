@@ -833,10 +833,9 @@ def run(args):
                          f"and the image size ({cfg.image_size}), for square images")
 
     data = datasets.load_data(dataset, data_dir, cfg.image_size, args.val_split, args.seed)
-    if cfg.num_classes != len(data.classes) or (args.pretrained and not resume):
-        if resume:
-            raise CheckpointError(f"the checkpoint has {cfg.num_classes} classes but {dataset} has "
-                                  f"{len(data.classes)}")
+    if resume:
+        check_classes(args.resume, resume, cfg.num_classes, data, data_dir)
+    elif cfg.num_classes != len(data.classes) or args.pretrained:
         if args.pretrained:
             model.reset_head(len(data.classes))   # a new zero head, as the paper fine-tunes
         else:
@@ -1231,15 +1230,16 @@ def check_writable(path):
 
 
 def check_classes(path, ckpt, num_classes, data, data_dir):
-    """Refuse to evaluate a model on images of other classes than it learned: with labels numbered
-    by another list of classes, every accuracy and picture would be wrong without a sign of it."""
+    """Refuse images of other classes than the model learned, to evaluate, draw or resume on: with
+    labels numbered by another list of classes, every accuracy and picture would be wrong, and
+    nothing would show it."""
     saved = ckpt.get("data", {}).get("classes")
     if len(data.classes) != num_classes or (saved and list(saved) != list(data.classes)):
         names = lambda c: ", ".join(c[:3]) + (", ..." if len(c) > 3 else "")
         learned = f" ({names(saved)})" if saved else ""
         raise CheckpointError(f"{path} was trained on {num_classes} classes{learned}, but the images "
                               f"in {data_dir} are of {len(data.classes)} ({names(data.classes)}); "
-                              f"evaluate it on images of the classes it learned")
+                              f"give it images of the classes it learned")
 
 
 def check_compile(device):
