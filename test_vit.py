@@ -556,6 +556,29 @@ class TestReliability(unittest.TestCase):
         self.assertIn("train without --compile", log)
         self.assertNotIn("Traceback", log)
 
+    def test_ctrl_c_before_training_is_one_line(self):
+        # Ctrl-C while the images are still being read, before the training loop's handler is
+        # installed: a line and 128 + SIGINT, as after a stop during training, not a traceback.
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = os.path.join(tmp, "m.pt")
+            self.assertEqual(run_train(*self.SMALL, "--epochs", 1, "--out", ckpt)[0], 0)
+            real = datasets.load_data
+            datasets.load_data = interrupted
+            try:
+                code, log = run_train(*self.SMALL, "--epochs", 1, "--out", os.path.join(tmp, "n.pt"))
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                    vis_code = visualize.main(["--ckpt", ckpt, "--only", "predictions"])
+            finally:
+                datasets.load_data = real
+        self.assertEqual(code, 128 + signal.SIGINT, log)
+        self.assertIn("stopped by Ctrl-C; any checkpoint already written is intact", log)
+        self.assertNotIn("Traceback", log)
+        self.assertEqual(vis_code, 128 + signal.SIGINT)
+        self.assertIn("stopped by Ctrl-C", err.getvalue())
+
     def test_stop_request_handler(self):
         stop = train.StopRequest()
         with contextlib.redirect_stderr(io.StringIO()):

@@ -769,6 +769,11 @@ def main(argv=None):
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C before training began (decoding images, say), or a second one during it. Saves
+        # are written aside and then renamed, so whatever checkpoint is there is whole.
+        print("\nstopped by Ctrl-C; any checkpoint already written is intact", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -24,6 +24,7 @@ Letters in shape comments: B images, h heads, N tokens, G_h/G_w patch grid, D wi
 import argparse
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -557,6 +558,9 @@ def main(argv=None):
     except (ValueError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 1
+    except KeyboardInterrupt:
+        print("\nstopped by Ctrl-C", file=sys.stderr)        # the pictures written so far stay
+        return 128 + signal.SIGINT
 
 
 def run(args):
