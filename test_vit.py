@@ -512,6 +512,14 @@ class TestReliability(unittest.TestCase):
             timing = ("images_per_s", "epoch_s", "elapsed_s")
             strip = lambda hist: [{k: v for k, v in h.items() if k not in timing} for h in hist]
             self.assertEqual(strip(ckpt_a["metrics"]), strip(ckpt_b["metrics"]))
+            # Resuming a run that has finished says so, and leaves its checkpoint as it was.
+            with open(a, "rb") as f:
+                before = f.read()
+            code, log = run_train("--resume", a)
+            self.assertEqual(code, 0, log)
+            self.assertIn("has trained to the end of epoch 3, and --epochs is 3: nothing to do", log)
+            with open(a, "rb") as f:
+                self.assertEqual(f.read(), before)
 
     def test_ctrl_c_in_a_real_process_saves_and_says_how_to_resume(self):
         with tempfile.TemporaryDirectory() as tmp:
