@@ -442,6 +442,14 @@ class TestTraining(unittest.TestCase):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--data-dir", f"{tmp}/images",
                                                  "--only", "predictions"]), 1)
             self.assertIn(words, err.getvalue())
+            # Without --data-dir, the folder saved in the checkpoint; if the data has moved since
+            # (or training ran elsewhere), the error says where that folder came from.
+            folder_ckpt["args"]["data_dir"] = "data/moved-away"
+            torch.save(folder_ckpt, ckpt)
+            code, log = run_train("--eval-only", "--ckpt", ckpt)
+            self.assertEqual(code, 1, log)
+            self.assertIn(f"(data/moved-away is where {ckpt} was trained from; say where the data is "
+                          f"now with --data-dir)", log)
 
     def test_bad_input_is_one_sentence(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -1215,9 +1215,7 @@ def run_eval_only(args):
     cfg = model.cfg
     info = ckpt.get("data", {})
     dataset = args.dataset or info.get("dataset", "cifar10")
-    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
-    data = datasets.load_data(dataset, data_dir, cfg.image_size)
-    check_classes(args.ckpt, ckpt, cfg.num_classes, data, data_dir)
+    data = checkpoint_data(args, ckpt, dataset, cfg)
     amp_dtype = pick_precision(args.precision, device)
     ctx = dict(device=device, rank=0, world=1, input_size=cfg.input_size,
                mean=info.get("mean", data.mean), std=info.get("std", data.std),
@@ -1237,6 +1235,21 @@ def check_writable(path):
         raise ValueError(f"--out {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
         raise ValueError(f"--out {path} can't be written (no permission); choose another --out")
+
+
+def checkpoint_data(args, ckpt, dataset, cfg):
+    """The data to evaluate or draw a checkpoint on: from --data-dir, or from where it trained."""
+    data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
+    try:
+        data = datasets.load_data(dataset, data_dir, cfg.image_size)
+    except DataError as e:
+        if args.data_dir:
+            raise
+        # The saved folder is as training was given it, often relative to where training ran.
+        raise DataError(f"{e} ({data_dir} is where {args.ckpt} was trained from; say where the "
+                        f"data is now with --data-dir)") from None
+    check_classes(args.ckpt, ckpt, cfg.num_classes, data, data_dir)
+    return data
 
 
 def check_classes(path, ckpt, num_classes, data, data_dir):

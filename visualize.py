@@ -35,7 +35,7 @@ from torchvision.utils import make_grid
 
 import data as datasets
 from data import DataError
-from train import CheckpointError, check_classes, load_checkpoint, model_from_checkpoint, pick_device
+from train import CheckpointError, checkpoint_data, load_checkpoint, model_from_checkpoint, pick_device
 
 PICTURES = ("attention", "rollout", "figure7", "curves", "predictions", "cls_embeddings", "blocks",
             "augmentation")
@@ -592,9 +592,7 @@ def run(args):
     needs_data = not args.images or any(p in only for p in ("predictions", "cls_embeddings", "augmentation"))
     if needs_data:
         dataset = info.get("dataset", "cifar10")
-        data_dir = args.data_dir or ckpt.get("args", {}).get("data_dir", "./data")
-        data = datasets.load_data(dataset, data_dir, cfg.image_size)
-        check_classes(args.ckpt, ckpt, cfg.num_classes, data, data_dir)
+        data = checkpoint_data(args, ckpt, dataset, cfg)
         # The test images in a random order, from which every picture takes its images: an image
         # folder lists them class by class, so the 2,000 that the confusion matrix and the
         # embeddings use must be a random sample, not the first 2,000 (two classes of CIFAR-10).
