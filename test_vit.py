@@ -595,6 +595,24 @@ class TestReliability(unittest.TestCase):
         self.assertEqual(vis_code, 128 + signal.SIGINT)
         self.assertIn("stopped by Ctrl-C", err.getvalue())
 
+    def test_full_disk_while_saving_is_one_sentence(self):
+        def full_disk(obj, f, *args, **kwargs):
+            with open(f, "wb") as out:
+                out.write(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed "
+                               "writing file data/3: file write failed")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "m.pt")
+            real, torch.save = torch.save, full_disk
+            try:
+                code, log = run_train(*self.SMALL, "--epochs", 1, "--out", out)
+            finally:
+                torch.save = real
+            self.assertEqual(code, 1, log)
+            self.assertIn(f"could not save {out} ([enforce fail", log)
+            self.assertNotIn("Traceback", log)
+            self.assertEqual(os.listdir(tmp), ["m.metrics.jsonl"])   # no half-written m.pt.tmp
+
     def test_stop_request_handler(self):
         stop = train.StopRequest()
         with contextlib.redirect_stderr(io.StringIO()):
@@ -639,11 +657,12 @@ class TestReliability(unittest.TestCase):
                 raise OSError("disk full")
             torch.save = crash
             try:
-                with self.assertRaises(OSError):
+                with self.assertRaisesRegex(train.CheckpointError, r"could not save .* \(disk full\)"):
                     train.save_checkpoint({"config": {}, "model": {}, "epoch": 2}, path)
             finally:
                 torch.save = real
             self.assertEqual(torch.load(path, weights_only=True)["epoch"], 1)
+            self.assertEqual(os.listdir(tmp), ["m.pt"])              # the half-written file is gone
 
     def test_load_weights_strips_wrappers_and_names_mismatches(self):
         model = ViT(ViTConfig(**TINY))

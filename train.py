@@ -221,8 +221,14 @@ def save_checkpoint(ckpt, path):
     # Write to a temporary file, then rename: a rename is atomic, so a crash or a full disk while
     # saving leaves the previous checkpoint intact instead of half a new one.
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:      # torch.save reports a full disk as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)                    # half a file, and the space it took
+        raise CheckpointError(f"could not save {path} ({str(e).splitlines()[0][:200]}); the "
+                              f"checkpoint saved before, if there is one, is intact") from None
 
 
 def load_checkpoint(path):
