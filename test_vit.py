@@ -1150,6 +1150,10 @@ class TestRecipe(unittest.TestCase):
             compare.main(["steps", "--shapes", "64/6/5/3"])
         self.assertEqual(e.exception.code, 2)
         self.assertIn("not divisible by 5 heads", err.getvalue())
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as e:
+            compare.main(["steps", "--rounds", "0"])         # had ended in "no median for empty data"
+        self.assertEqual(e.exception.code, 2)
+        self.assertIn("--rounds, --steps and --epochs must be at least 1", err.getvalue())
 
 
 class TestVisualize(unittest.TestCase):
