@@ -216,7 +216,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=1, help="epoch: how many (default: 1)")
     parser.add_argument("--workers", type=int, default=2, help="epoch: loader processes (default: 2)")
     args = parser.parse_args(argv)
-    if min(args.rounds, args.steps, args.epochs, args.workers + 1) < 1:
+    if min(args.rounds, args.steps, args.epochs) < 1 or args.workers < 0:
         parser.error("--rounds, --steps and --epochs must be at least 1, --workers at least 0")
     if args.what == "steps":
         rates, params = step_rates(args.rounds, args.steps, shapes=args.shapes)
