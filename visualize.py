@@ -8,12 +8,15 @@ The model is rebuilt from the checkpoint alone, and attention comes from `model(
 torchvision.utils only.
 
 What each picture shows, and the paper's section it comes from:
-    attention        the class token's attention to every patch, per head (Sec. 4.5, Fig. 6)
+    attention        the class token's attention to every patch, per head (Sec. 4.5, Fig. 6); a
+                     model that pools the mean token (cifar_tiny) has none, so: the mean attention
+                     each patch receives
     rollout          attention rolled out through all layers (Abnar & Zuidema 2020; the paper's Fig. 6)
     figure7_*        Fig. 7: patch-embedding filters, position-embedding similarity, attention distance
     curves           loss and accuracy per epoch, from the checkpoint's metrics history
     predictions      test images with predicted and true labels; confusion: the confusion matrix
-    cls_embeddings   the class token's final state for many images, projected to 2-D (PCA)
+    cls_embeddings   the class token's (or mean token's) final state for many images, projected
+                     to 2-D (PCA)
     token_norms      how large each patch token is before and after chosen blocks; attention_layers.gif
                      steps through the layers of the class-token attention for one image
     augmentation     training images as the model saw them, beside the originals
