@@ -133,7 +133,7 @@ def _image_folder(root, image_size):
     if not os.path.isdir(train_dir) or test_dir is None:
         found = ", ".join(sorted(os.listdir(root))[:8]) or "nothing"
         raise DataError(f"{root} must hold train/ and test/ (or val/) folders, one sub-folder per "
-                        f"class inside each; found: {found}")
+                        f"class inside each; found: {found}{_folder_hint(root)}")
     classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
     if not classes:
         raise DataError(f"{train_dir} has no class sub-folders (expected {train_dir}/<class>/<image>)")
@@ -144,6 +144,20 @@ def _image_folder(root, image_size):
         raise DataError(f"{test_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}; "
                         f"the model can only learn the classes it trains on")
     return _read_folder(train_dir, classes, image_size), _read_folder(test_dir, classes, image_size), classes
+
+
+def _folder_hint(root):
+    """The folder the user most likely meant, when --data-dir is one level off: one split of the
+    dataset (data/cifar10-jpeg/train) or the folder around it (data)."""
+    root = os.path.normpath(root)
+    if os.path.basename(root) in ("train", "test", "val"):
+        candidates = [os.path.dirname(root) or "."]                      # one level up
+    else:
+        candidates = [os.path.join(root, d) for d in sorted(os.listdir(root))]   # one level down
+    for c in candidates:
+        if os.path.isdir(os.path.join(c, "train")):
+            return f" (did you mean --data-dir {c}?)"
+    return ""
 
 
 def _read_folder(split_dir, classes, image_size):

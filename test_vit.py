@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -214,7 +215,9 @@ class TestData(unittest.TestCase):
             self.assertFalse(any(".tmp" in f or "4px" in f for f in os.listdir(f"{root}/train")))
 
     def test_folder_errors_are_sentences(self):
-        with tempfile.TemporaryDirectory() as root:
+        with tempfile.TemporaryDirectory() as outer:
+            root = os.path.join(outer, "images")
+            os.makedirs(root)
             with self.assertRaisesRegex(datasets.DataError, "must hold train/ and test/"):
                 datasets.load_data("folder", root)
             os.makedirs(f"{root}/train/a")
@@ -224,6 +227,12 @@ class TestData(unittest.TestCase):
             os.makedirs(f"{root}/test/b")           # a test class that training never sees
             with self.assertRaisesRegex(datasets.DataError, "test has class folders that .* lacks: b"):
                 datasets.load_data("folder", root)
+            # --data-dir one level off, below or above the dataset: the message names the right one
+            meant = re.escape(f"did you mean --data-dir {root}?")
+            with self.assertRaisesRegex(datasets.DataError, meant):
+                datasets.load_data("folder", f"{root}/train")
+            with self.assertRaisesRegex(datasets.DataError, meant):
+                datasets.load_data("folder", outer)
         with self.assertRaisesRegex(datasets.DataError, "does not exist"):
             datasets.load_data("folder", "/no/such/folder")
 
