@@ -227,8 +227,9 @@ def save_checkpoint(ckpt, path):
     except (OSError, RuntimeError) as e:      # torch.save reports a full disk as a RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)                    # half a file, and the space it took
-        raise CheckpointError(f"could not save {path} ({str(e).splitlines()[0][:200]}); the "
-                              f"checkpoint saved before, if there is one, is intact") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]    # some errors have no text
+        raise CheckpointError(f"could not save {path} ({reason}); the checkpoint saved before, if "
+                              f"there is one, is intact") from None
 
 
 def load_checkpoint(path):
