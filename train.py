@@ -85,8 +85,8 @@ PRESETS = {
     # steps of it, and a larger rate: on a CPU stand-in of this recipe (10 epochs) 8e-3 ended ahead
     # of 2e-3 by 6 points and of 1.6e-2 by 0.8 at 64 wide, and of 4e-3 by about one at 64 and 96
     # wide (results/README.md, "The learning rate of cifar10-fast"). The mean token, as in the CPU
-    # default, not cifar_small's class token: 0.4 to 1.3 points ahead at 8e-3 in all three
-    # stand-in pairs (two seeds at 64 wide, one at 96), ahead after every epoch; at 96 wide 4e-3
+    # default, not cifar_small's class token: 0.4 to 1.3 points ahead at 8e-3 in all four
+    # stand-in pairs (two seeds each at 64 and 96 wide), ahead after every epoch; at 96 wide 4e-3
     # and 1.6e-2 ended 0.7 and 2.9 points below 8e-3 with it.
     "cifar10-fast": dict(dataset="cifar10", model="cifar_small", pool="mean", epochs=30, batch_size=512,
                          lr=8e-3, warmup_epochs=2, weight_decay=0.05, label_smoothing=0.1,
