@@ -81,13 +81,11 @@ PRESETS = {
                          repeat_aug=3, crop_padding=4, flip="random"),
     # The same model on a short schedule with large batches and lighter regularisation, for a
     # result within minutes on one GPU; with Muon, the default, since short runs are where it helped.
-    # Muon's step has one size whatever the batch, so 16x the CPU default's batch means 16x fewer
-    # steps of it, and a larger rate: on a CPU stand-in of this recipe (10 epochs) 8e-3 ended ahead
-    # of 2e-3 by 6 points and of 1.6e-2 by 0.8 at 64 wide, and of 4e-3 by about one at 64 and 96
-    # wide (results/README.md, "The learning rate of cifar10-fast"). The mean token, as in the CPU
-    # default, not cifar_small's class token: 0.4 to 1.3 points ahead at 8e-3 in all four
-    # stand-in pairs (two seeds each at 64 and 96 wide), ahead after every epoch; at 96 wide 4e-3
-    # and 1.6e-2 ended 0.7 and 2.9 points below 8e-3 with it.
+    # Muon's step has one size whatever the batch, so 16x the used-by command's batch means 16x
+    # fewer steps of it and wants a larger rate; and the mean token, as cifar_tiny has, instead of
+    # cifar_small's class token. Both picked on a CPU stand-in of this recipe (results/README.md,
+    # "The learning rate of cifar10-fast"): 8e-3 ended ahead of 2e-3 and 4e-3 in every pair and of
+    # 1.6e-2 in three of four, and the mean token ahead of the class token in all five pairs.
     "cifar10-fast": dict(dataset="cifar10", model="cifar_small", pool="mean", epochs=30, batch_size=512,
                          lr=8e-3, warmup_epochs=2, weight_decay=0.05, label_smoothing=0.1,
                          augment="trivialaugment", crop_padding=4),
@@ -164,7 +162,7 @@ def get_parser():
     # optimisation
     a("--epochs", type=int, default=10, help="passes over the training set (default: 10)")
     a("--batch-size", type=int, default=128, help="images per step, over all processes (default: 128; on a "
-      "CPU, 10 epochs at 32 ended a point higher, one seed, and took about 1.3x as long)")
+      "CPU, 10 epochs at 32 ended a point higher, one seed, at 1.24x-1.32x the time per image)")
     a("--optimizer", choices=["muon", "adamw", "sgd"], help="muon: Muon for the blocks' weight "
       "matrices, AdamW for the rest (from scratch); adamw for all, as the paper; sgd with momentum 0.9 "
       "(fine-tuning) (default: by mode)")
