@@ -56,9 +56,9 @@ TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 # All of those were measured at batch 32, the used-by command's. Another batch scales the rate by
 # sqrt(batch / 32), the square-root rule for Adam-like optimizers (Malladi et al. 2022): Muon's and
 # AdamW's steps have about one size whatever the batch, so four times the batch makes a quarter of
-# the steps, and larger ones make up for it. At the default batch of 128 that gives 6e-3: 0.65
-# points above 3e-3 at each of two seeds, level with batch 32 (and AdamW's 2e-3 2.7 points above
-# 1e-3; "The batch size when no flag is given").
+# the steps, and larger ones make up for it. At the default batch of 128 that gives 6e-3: 0.6
+# points above 3e-3 on average over three seeds, ahead at each, 0.23 below batch 32 (and AdamW's
+# 2e-3 2.7 points above 1e-3 at one seed; results/README.md, "The batch size when no flag is given").
 # Fine-tuning pretrained weights: the paper's recipe (Sec. 4.1, Table 4, Appendix B.1.1): SGD with
 # momentum 0.9, no weight decay, a short warmup, cosine decay, clipping at global norm 1.
 MODE_DEFAULTS = {
@@ -168,8 +168,8 @@ def get_parser():
     # optimisation
     a("--epochs", type=int, default=10, help="passes over the training set (default: 10)")
     a("--batch-size", type=int, default=128, help="images per step, over all processes (default: 128; on a "
-      "CPU, 10 epochs at 32 and at 128 with its default rate ended level, 128 taking a fifth to a quarter "
-      "less time)")
+      "CPU, 10 epochs at 32 ended a quarter of a point above 128 over three seeds, 128 taking a fifth to "
+      "a quarter less time)")
     a("--optimizer", choices=["muon", "adamw", "sgd"], help="muon: Muon for the blocks' weight "
       "matrices, AdamW for the rest (from scratch); adamw for all, as the paper; sgd with momentum 0.9 "
       "(fine-tuning) (default: by mode)")
