@@ -87,11 +87,11 @@ PRESETS = {
                          repeat_aug=3, crop_padding=4, flip="random"),
     # The same model on a short schedule with large batches and lighter regularisation, for a
     # result within minutes on one GPU; with Muon, the default, since short runs are where it helped.
-    # Muon's step has one size whatever the batch, so 16x the used-by command's batch means 16x
-    # fewer steps of it and wants a larger rate; and the mean token, as cifar_tiny has, instead of
-    # cifar_small's class token. Both picked on a CPU stand-in of this recipe (results/README.md,
-    # "The learning rate of cifar10-fast"): 8e-3 ended ahead of 2e-3 and 4e-3 in every pair and of
-    # 1.6e-2 in three of four, and the mean token ahead of the class token in all five pairs.
+    # 16x the used-by command's batch wants a larger rate (MODE_DEFAULTS says why); and the mean
+    # token, as cifar_tiny has, instead of cifar_small's class token. Both picked on a CPU stand-in
+    # of this recipe (results/README.md, "The learning rate of cifar10-fast"): 8e-3 ended ahead of
+    # 2e-3 and 4e-3 in every pair and of 1.6e-2 in three of four, and the mean token ahead of the
+    # class token in all five pairs. (The square-root rule would give 1.2e-2, between those two.)
     "cifar10-fast": dict(dataset="cifar10", model="cifar_small", pool="mean", epochs=30, batch_size=512,
                          lr=8e-3, warmup_epochs=2, weight_decay=0.05, label_smoothing=0.1,
                          augment="trivialaugment", crop_padding=4),
@@ -174,9 +174,9 @@ def get_parser():
       "matrices, AdamW for the rest (from scratch); adamw for all, as the paper; sgd with momentum 0.9 "
       "(fine-tuning) (default: by mode)")
     a("--lr", type=float, help="peak learning rate (default from scratch: 3e-3 with Muon, 1e-3 with "
-      "--optimizer adamw, at batch 32, times sqrt(batch/32) at other batches, so 6e-3 and 2e-3 at the "
-      "default 128; measured for the mean token, and with --pool cls, or --dim 96, 2e-3 did better at "
-      "batch 32; fine-tuning: 0.01)")
+      "--optimizer adamw, both measured at batch 32 and scaled by sqrt(batch/32) at others: 6e-3 and "
+      "2e-3 at the default 128. With --pool cls or --dim 96, 2e-3 did better at batch 32. "
+      "Fine-tuning: 0.01)")
     a("--min-lr", type=float, default=1e-5, help="learning rate at the end of the cosine (default: 1e-5)")
     a("--warmup-epochs", type=float, help="epochs of linear warmup (default: 1 from scratch, 0.2 "
       "fine-tuning)")
