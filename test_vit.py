@@ -703,6 +703,8 @@ class TestReliability(unittest.TestCase):
                      (("--device", "cuda:7"), 2, "--device cuda:7"),
                      (("--device", "banana"), 2, "not a device name"),
                      (("--batch-size", 0), 2, "--batch-size 0 must be positive"),
+                     (("--batch-size", -3), 2, "--batch-size -3 must be positive"),   # not sqrt(-3)
+                     (("--out", tmp), 2, "is a folder; give a file name"),
                      (("--pretrained", good, "--attn-init", "mimetic"), 2, "with --pretrained every weight"),
                      (("--val-split", 1.5), 1, "--val-split is a fraction"),
                      (("--flip", "alternate", "--repeat-aug", 3), 2, "use --flip random with --repeat-aug")]
@@ -712,6 +714,14 @@ class TestReliability(unittest.TestCase):
                     self.assertEqual(code, want_code, out)
                     self.assertIn(words, out)
                     self.assertNotIn("Traceback", out)
+            # A folder that permissions call writable but where no file can be made (root passes
+            # every permission check): the probe file train.py writes there is made a folder here.
+            blocked = os.path.join(tmp, "blocked.pt")
+            os.mkdir(f"{blocked}.{os.getpid()}.tmp")
+            code, out = run_train(*self.SMALL, "--epochs", 1, "--out", blocked)
+            self.assertEqual(code, 2, out)
+            self.assertIn(f"--out {blocked} can't be written", out)
+            self.assertNotIn("Traceback", out)
 
     def test_two_processes_match_one(self):
         # torchrun with 2 CPU processes (gloo) and global batch 50 against 1 process with batch 50. No

@@ -817,7 +817,7 @@ def run(args):
     for k, v in MODE_DEFAULTS[mode].items():      # flags left unset take the mode's default
         if getattr(args, k) is None:
             v = v[args.optimizer] if isinstance(v, dict) else v      # lr: by optimizer
-            if k == "lr" and mode == "scratch":
+            if k == "lr" and mode == "scratch" and args.batch_size > 0:   # (check_args refuses <= 0)
                 v *= math.sqrt(args.batch_size / 32)                 # measured at batch 32, see above
             setattr(args, k, v)
     if args.flip is None:
@@ -989,7 +989,10 @@ def run(args):
     out_base = os.path.splitext(args.out)[0]
     metrics_path, best_path = out_base + ".metrics.jsonl", out_base + ".best.pt"
     if is_main and not resume:
-        open(metrics_path, "w").close()       # a new run starts a new log
+        try:
+            open(metrics_path, "w").close()   # a new run starts a new log
+        except OSError as e:
+            raise CheckpointError(f"could not write {metrics_path} ({e.strerror}); choose another --out") from None
 
     def checkpoint():
         rng = dict(cpu=torch.get_rng_state())
@@ -1043,8 +1046,12 @@ def run(args):
             if is_main:
                 ckpt = checkpoint()
                 save_checkpoint(ckpt, args.out)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                try:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                except OSError as e:              # a disk that filled up after the checkpoint
+                    raise CheckpointError(f"could not write {metrics_path} ({e.strerror}); {args.out} "
+                                          f"was saved and resumes the run") from None
                 if eval_acc > best_acc:    # the best model so far is kept apart from the last
                     save_checkpoint(ckpt, best_path)
             if stopped:                                  # the signal came with the epoch's last step
@@ -1255,10 +1262,22 @@ def run_eval_only(args):
 def check_writable(path):
     """Fail now, not after an hour of training, if the checkpoint can't be written."""
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'model.pt')}")
     if not os.path.isdir(folder):
         raise ValueError(f"--out {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+    if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"--out {path} can't be written (no permission); choose another --out")
+    # Permissions alone don't tell (root passes every check, a read-only disk none of them), so
+    # write a file where the checkpoint will go, and remove it; the process id keeps the files of
+    # several processes (torchrun) apart.
+    probe = f"{path}.{os.getpid()}.tmp"
+    try:
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"--out {path} can't be written ({e.strerror or type(e).__name__}); "
+                         f"choose another --out") from None
 
 
 def checkpoint_data(args, ckpt, dataset, cfg):
