@@ -134,16 +134,22 @@ def _image_folder(root, image_size):
         found = ", ".join(sorted(os.listdir(root))[:8]) or "nothing"
         raise DataError(f"{root} must hold train/ and test/ (or val/) folders, one sub-folder per "
                         f"class inside each; found: {found}{_folder_hint(root)}")
-    classes = sorted(d.name for d in os.scandir(train_dir) if d.is_dir())
+    classes = _class_folders(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class sub-folders (expected {train_dir}/<class>/<image>)")
     # Test images of a class the model never trained on could only be counted wrong, or, as the
     # labels come from train/'s folders, be left out unseen: either way the accuracy would mislead.
-    unknown = sorted({d.name for d in os.scandir(test_dir) if d.is_dir()} - set(classes))
+    unknown = sorted(set(_class_folders(test_dir)) - set(classes))
     if unknown:
         raise DataError(f"{test_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}; "
                         f"the model can only learn the classes it trains on")
-    return _read_folder(train_dir, classes, image_size), _read_folder(test_dir, classes, image_size), classes
+    train = _read_folder(train_dir, classes, image_size, every_class=True)
+    return train, _read_folder(test_dir, classes, image_size), classes
+
+
+def _class_folders(split_dir):
+    # Hidden folders are no classes: Jupyter leaves .ipynb_checkpoints in every folder it opens.
+    return sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
 
 
 def _folder_hint(root):
@@ -160,12 +166,17 @@ def _folder_hint(root):
     return ""
 
 
-def _read_folder(split_dir, classes, image_size):
+def _read_folder(split_dir, classes, image_size, every_class=False):
     names, labels = [], []                            # names relative to split_dir: "cat/0001.jpg"
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         found = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
             if os.path.isdir(class_dir) else []
+        if every_class and not found:
+            # The head would get an output for a class it never sees, and the test set could
+            # still hold it; a training folder left empty is almost always a mistake.
+            raise DataError(f"{class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)}); a class "
+                            f"needs training images: add some, or remove the folder")
         names += [f"{name}/{f}" for f in found]
         labels += [label] * len(found)
     files = [os.path.join(split_dir, n) for n in names]

@@ -182,6 +182,8 @@ class TestData(unittest.TestCase):
                     for i in range(n):
                         Image.new("RGB", (20, 24), colour).save(f"{root}/{split}/{c}/{i}.jpg")
             Image.new("L", (16, 16), 90).save(f"{root}/train/dog/gray.png")   # other mode and size
+            os.makedirs(f"{root}/train/.ipynb_checkpoints")      # hidden folders are no classes
+            os.makedirs(f"{root}/test/.ipynb_checkpoints")
             d = datasets.load_data("folder", root, image_size=16)
             self.assertEqual(d.classes, ["cat", "dog"])
             self.assertEqual(d.train.images.shape, (7, 3, 16, 16))
@@ -222,8 +224,8 @@ class TestData(unittest.TestCase):
                 datasets.load_data("folder", root)
             os.makedirs(f"{root}/train/a")
             os.makedirs(f"{root}/test/a")
-            with self.assertRaisesRegex(datasets.DataError, "no images found"):
-                datasets.load_data("folder", root)
+            with self.assertRaisesRegex(datasets.DataError, "train/a holds no images"):
+                datasets.load_data("folder", root)    # a class with nothing to learn from
             os.makedirs(f"{root}/test/b")           # a test class that training never sees
             with self.assertRaisesRegex(datasets.DataError, "test has class folders that .* lacks: b"):
                 datasets.load_data("folder", root)
