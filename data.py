@@ -210,19 +210,22 @@ def _read_folder(split_dir, classes, image_size, every_class=False):
 
 
 def _decode_files(files, labels, image_size):
-    images, size = [], None
+    from torchvision.transforms import v2
+    square = [image_size, image_size]
+    images, shapes = [], set()
     for f in files:
-        # If the images differ in size, or are larger than the model's input, all are resized to
-        # image_size below, so that they fit one tensor; otherwise they are kept as they are.
-        x = read_image(f)
-        if size is None:
-            size = x.shape
-        elif size != "mixed" and x.shape != size:
-            size = "mixed"
+        x = read_image(f)                                          # (3, H, W) uint8
+        shapes.add(tuple(x.shape))
+        if max(x.shape[-2:]) > image_size:
+            # Never hold more pixels than the model takes, and shrink each image as it comes:
+            # a folder of photos kept at full size until the end would not fit in memory.
+            x = v2.functional.resize(x, square, antialias=True)   # (3, image_size, image_size)
         images.append(x)
-    if size == "mixed" or size[-1] > image_size:   # never hold more pixels than the model takes
-        from torchvision.transforms import v2
-        images = [v2.functional.resize(x, [image_size, image_size], antialias=True) for x in images]
+    if len(shapes) > 1:
+        # Images of several sizes: all to one, so that they fit one tensor. (Images of one size,
+        # smaller than the model's input, are kept as they are; normalize() enlarges each batch.)
+        images = [x if list(x.shape[-2:]) == square else v2.functional.resize(x, square, antialias=True)
+                  for x in images]
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
 
 

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import unittest
 import unittest.mock
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,21 @@ class TestData(unittest.TestCase):
             self.assertEqual(d.test.images.shape, (4, 3, 16, 16))
             self.assertGreater(d.train.images[0, 0].float().mean(), 150)       # red stays red
             self.assertEqual(len(d.mean), 3)
+
+    def test_large_images_are_shrunk_as_they_are_read(self):
+        # A folder of photos must not be held at full size until the last one is read: by each
+        # read, every earlier full-size image is already gone (only its 16x16 copy kept).
+        read = []
+
+        def photo(path, size=None):
+            self.assertEqual(sum(r() is not None for r in read), 0, "full-size images kept")
+            x = torch.full((3, 300, 400), len(read), dtype=torch.uint8)     # (3, H, W)
+            read.append(weakref.ref(x))
+            return x
+        with unittest.mock.patch.object(datasets, "read_image", photo):
+            split = datasets._decode_files(["a.jpg", "b.jpg", "c.jpg"], [0, 1, 0], image_size=16)
+        self.assertEqual(split.images.shape, (3, 3, 16, 16))
+        self.assertEqual(split.images[:, 0, 0, 0].tolist(), [0, 1, 2])
 
     def test_image_folder_cache(self):
         with tempfile.TemporaryDirectory() as root:
