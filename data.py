@@ -29,6 +29,7 @@ Letters in shape comments: N images, C channels, H/W height/width, B batch.
 import hashlib
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -197,7 +198,7 @@ def _read_folder(split_dir, classes, image_size, every_class=False):
             return Split(saved["images"], saved["labels"])
     except Exception:       # none yet, or unreadable (a half-written file, another torch): decode
         pass
-    split = _decode_files(files, labels, image_size)
+    split = _decode_files(files, labels, image_size, split_dir)
     tmp = f"{cache}.{os.getpid()}.tmp"       # written aside, then renamed: never half a cache
     try:
         torch.save({"fingerprint": fingerprint.hexdigest(), "images": split.images,
@@ -209,11 +210,18 @@ def _read_folder(split_dir, classes, image_size, every_class=False):
     return split
 
 
-def _decode_files(files, labels, image_size):
+def _decode_files(files, labels, image_size, where=""):
     from torchvision.transforms import v2
     square = [image_size, image_size]
     images, shapes = [], set()
-    for f in files:
+    start = last = time.monotonic()
+    for i, f in enumerate(files):
+        now = time.monotonic()
+        if now - last > 10:
+            # CIFAR decodes in seconds, but a folder of large photos takes minutes: say how far.
+            last = now
+            left = (now - start) / i * (len(files) - i)
+            print(f"decoding {where}: {i}/{len(files)} images, about {left:.0f} s to go", flush=True)
         x = read_image(f)                                          # (3, H, W) uint8
         shapes.add(tuple(x.shape))
         if max(x.shape[-2:]) > image_size:

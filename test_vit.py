@@ -7,6 +7,7 @@ CPU only and offline (synthetic data in temporary folders). A CUDA test runs too
 
 import contextlib
 import io
+import itertools
 import json
 import math
 import os
@@ -203,10 +204,14 @@ class TestData(unittest.TestCase):
             x = torch.full((3, 300, 400), len(read), dtype=torch.uint8)     # (3, H, W)
             read.append(weakref.ref(x))
             return x
-        with unittest.mock.patch.object(datasets, "read_image", photo):
-            split = datasets._decode_files(["a.jpg", "b.jpg", "c.jpg"], [0, 1, 0], image_size=16)
+        clock = itertools.count(step=6)    # each look at the clock 6 s later: a slow folder
+        with unittest.mock.patch.object(datasets, "read_image", photo), \
+                unittest.mock.patch.object(datasets.time, "monotonic", lambda: next(clock)), \
+                contextlib.redirect_stdout(io.StringIO()) as out:
+            split = datasets._decode_files(["a.jpg", "b.jpg", "c.jpg"], [0, 1, 0], 16, "photos/train")
         self.assertEqual(split.images.shape, (3, 3, 16, 16))
         self.assertEqual(split.images[:, 0, 0, 0].tolist(), [0, 1, 2])
+        self.assertIn("decoding photos/train: 1/3 images, about 24 s to go", out.getvalue())
 
     def test_image_folder_cache(self):
         with tempfile.TemporaryDirectory() as root:
