@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 @dataclass
 class ViTConfig:
+    # Every field of a model's shape. The defaults here are only a fallback for a config built by
+    # hand; train.py builds models by name from MODELS below (cifar_tiny unless --model says
+    # otherwise), and each name sets its own width, depth, heads, MLP ratio and pooling.
     image_size: int = 32          # input is image_size x image_size (non-square patch grids: see grid)
     patch_size: int = 4           # P: 32/4 gives an 8x8 grid, 64 patch tokens
     in_channels: int = 3
