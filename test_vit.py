@@ -260,29 +260,31 @@ class TestData(unittest.TestCase):
             datasets.load_data("folder", "/no/such/folder")
 
     def test_cifar_as_torchvision_stores_it(self):
-        # The used-by command's own data: torchvision's CIFAR-10 files (pickled rows of 3072 bytes,
+        # The used-by command's own data: torchvision's CIFAR files (pickled rows of 3072 bytes,
         # 1024 red, then green, then blue, row by row), written small here; the checksums are
         # skipped, as these are not the real files.
         import pickle
-        with tempfile.TemporaryDirectory() as root:
-            folder = os.path.join(root, "cifar-10-batches-py")
-            os.makedirs(folder)
-            rows = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
-            rows[:, 0, 1, 2] = torch.arange(5) + 10         # red of the pixel at row 1, column 2
-            rows[:, 2, 31, 0] = 200                          # blue of the pixel at row 31, column 0
-            for name in [n for n, _ in torchvision.datasets.CIFAR10.train_list] + ["test_batch"]:
-                with open(os.path.join(folder, name), "wb") as f:
-                    pickle.dump({"data": rows.flatten(1).numpy(), "labels": [0, 1, 2, 3, 9]}, f)
-            with open(os.path.join(folder, "batches.meta"), "wb") as f:
-                pickle.dump({"label_names": [f"name{i}" for i in range(10)]}, f)
-            with unittest.mock.patch("torchvision.datasets.cifar.check_integrity", return_value=True):
-                d = datasets.load_data("cifar10", root)
-        self.assertEqual(d.train.images.shape, (25, 3, 32, 32))           # five batches of five
-        self.assertEqual(d.test.images.shape, (5, 3, 32, 32))
-        torch.testing.assert_close(d.test.images, rows, rtol=0, atol=0)   # (N, C, H, W), in place
-        self.assertEqual(d.train.labels[:5].tolist(), [0, 1, 2, 3, 9])
-        self.assertEqual(d.classes[9], "name9")
-        self.assertEqual(d.mean, datasets.CIFAR10_MEAN)
+        rows = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
+        rows[:, 0, 1, 2] = torch.arange(5) + 10             # red of the pixel at row 1, column 2
+        rows[:, 2, 31, 0] = 200                              # blue of the pixel at row 31, column 0
+        tv = torchvision.datasets
+        for name, cls, labels_key, mean in (("cifar10", tv.CIFAR10, "labels", datasets.CIFAR10_MEAN),
+                                            ("cifar100", tv.CIFAR100, "fine_labels", datasets.CIFAR100_MEAN)):
+            with self.subTest(name), tempfile.TemporaryDirectory() as root:
+                folder = os.path.join(root, cls.base_folder)
+                os.makedirs(folder)
+                for file, _ in cls.train_list + cls.test_list:
+                    with open(os.path.join(folder, file), "wb") as f:
+                        pickle.dump({"data": rows.flatten(1).numpy(), labels_key: [0, 1, 2, 3, 9]}, f)
+                with open(os.path.join(folder, cls.meta["filename"]), "wb") as f:
+                    pickle.dump({cls.meta["key"]: [f"name{i}" for i in range(10)]}, f)
+                with unittest.mock.patch("torchvision.datasets.cifar.check_integrity", return_value=True):
+                    d = datasets.load_data(name, root)
+                self.assertEqual(d.train.images.shape, (5 * len(cls.train_list), 3, 32, 32))
+                torch.testing.assert_close(d.test.images, rows, rtol=0, atol=0)   # (N, C, H, W)
+                self.assertEqual(d.train.labels[:5].tolist(), [0, 1, 2, 3, 9])
+                self.assertEqual(d.classes[9], "name9")
+                self.assertEqual(d.mean, mean)
 
     def test_offline_cifar_download_is_one_sentence(self):
         def no_network(*a, **k):
