@@ -175,6 +175,15 @@ class TestData(unittest.TestCase):
         # held-out images are not in the training set
         train_rows = {bytes(t.numpy()) for t in d.train.images.flatten(1)}
         self.assertFalse(any(bytes(t.numpy()) in train_rows for t in d.val.images.flatten(1)))
+        # In training: each epoch is judged on the held-out images, the test set once at the end.
+        with tempfile.TemporaryDirectory() as tmp:
+            code, out = run_train("--dataset", "fake", "--batch-size", 50, "--dim", 32, "--depth", 2,
+                                  "--heads", 2, "--epochs", 1, "--val-split", 0.1, "--out", f"{tmp}/m.pt")
+            self.assertEqual(code, 0, out)
+            self.assertRegex(out, r"epoch +1/1 .* val loss [\d.]+ acc")
+            self.assertRegex(out, r"\ntest loss [\d.]+  test accuracy [\d.]+%")
+            with open(f"{tmp}/m.metrics.jsonl") as f:
+                self.assertEqual(json.loads(f.readline())["eval_split"], "val")
 
     def test_image_folder(self):
         with tempfile.TemporaryDirectory() as root:
