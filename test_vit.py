@@ -265,6 +265,9 @@ class TestData(unittest.TestCase):
                 datasets.load_data("folder", f"{root}/train")
             with self.assertRaisesRegex(datasets.DataError, meant):
                 datasets.load_data("folder", outer)
+            # The folder given without --dataset folder: not CIFAR downloaded into it
+            with self.assertRaisesRegex(datasets.DataError, "looks like an image folder, .* add --dataset folder"):
+                datasets.load_data("cifar10", root)
         with self.assertRaisesRegex(datasets.DataError, "does not exist"):
             datasets.load_data("folder", "/no/such/folder")
 
