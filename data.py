@@ -110,7 +110,8 @@ def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fak
 def _torchvision_cifar(name, data_dir):
     from torchvision import datasets
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-    if os.path.isdir(os.path.join(data_dir, "train")) and not os.path.isdir(os.path.join(data_dir, cls.base_folder)):
+    looks_like_folder = os.path.isdir(os.path.join(data_dir, "train"))
+    if looks_like_folder and not os.path.isdir(os.path.join(data_dir, cls.base_folder)):
         # Most likely --data-dir given without --dataset folder: CIFAR would be downloaded into the
         # user's image folder and trained on instead of their images, without a word.
         raise DataError(f"{data_dir} holds a train/ folder, so it looks like an image folder, but the "

@@ -1268,9 +1268,9 @@ def check_writable(path):
         raise ValueError(f"--out {path}: folder {folder} does not exist")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"--out {path} can't be written (no permission); choose another --out")
-    # Permissions alone don't tell (root passes every check, a read-only disk none of them), so
-    # write a file where the checkpoint will go, and remove it; the process id keeps the files of
-    # several processes (torchrun) apart.
+    # Permission bits alone don't tell (root passes every check, and some folders refuse files
+    # whatever their bits say), so write a file where the checkpoint will go, and remove it; the
+    # process id keeps the files of several processes (torchrun) apart.
     probe = f"{path}.{os.getpid()}.tmp"
     try:
         open(probe, "wb").close()
