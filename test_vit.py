@@ -668,8 +668,7 @@ class TestReliability(unittest.TestCase):
 
     def test_full_disk_while_saving_is_one_sentence(self):
         def full_disk(obj, f, *args, **kwargs):
-            with open(f, "wb") as out:
-                out.write(b"half a checkpoint")
+            f.write(b"half a checkpoint")
             raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed "
                                "writing file data/3: file write failed")
         with tempfile.TemporaryDirectory() as tmp:
@@ -723,8 +722,7 @@ class TestReliability(unittest.TestCase):
 
             def crash(obj, f):
                 real(obj, f)
-                with open(f, "r+b") as fh:       # half a file written, then the machine dies
-                    fh.truncate(10)
+                f.truncate(10)                   # half a file written, then the machine dies
                 raise OSError("disk full")
             torch.save = crash
             try:
@@ -734,6 +732,12 @@ class TestReliability(unittest.TestCase):
                 torch.save = real
             self.assertEqual(torch.load(path, weights_only=True)["epoch"], 1)
             self.assertEqual(os.listdir(tmp), ["m.pt"])              # the half-written file is gone
+            # The new file reaches the disk before it replaces the old one (fsync, then rename).
+            calls = []
+            with unittest.mock.patch.object(train.os, "fsync", lambda fd: calls.append("fsync")), \
+                    unittest.mock.patch.object(train.os, "replace", lambda a, b: calls.append("replace")):
+                train.save_checkpoint({"config": {}, "model": {}, "epoch": 3}, path)
+            self.assertEqual(calls, ["fsync", "replace"])
 
     def test_load_weights_strips_wrappers_and_names_mismatches(self):
         model = ViT(ViTConfig(**TINY))

@@ -233,10 +233,15 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(ckpt, path):
     # Write to a temporary file, then rename: a rename is atomic, so a crash or a full disk while
-    # saving leaves the previous checkpoint intact instead of half a new one.
+    # saving leaves the previous checkpoint intact instead of half a new one. The file is flushed
+    # to the disk (fsync) before the rename; otherwise, after a power cut, the rename can be on the
+    # disk before the data is, and an empty file stands where the old checkpoint was.
     tmp = f"{path}.tmp"
     try:
-        torch.save(ckpt, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:      # torch.save reports a full disk as a RuntimeError
         if os.path.exists(tmp):
