@@ -765,6 +765,7 @@ class TestReliability(unittest.TestCase):
                      (("--resume", good, "--dim", 64), 1, "different model than asked for: --dim 64"),
                      (("--resume", good, "--epochs", 2, "--optimizer", "adamw"), 1,
                       "does not fit --optimizer adamw"),
+                     (("--resume", good, "--epochs", 2, "--batch-size", 25), 2, "a resumed run keeps it"),
                      (("--dim", -4), 2, "dim must be positive"),
                      (("--device", "cuda:7"), 2, "--device cuda:7"),
                      (("--device", "banana"), 2, "not a device name"),

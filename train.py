@@ -1182,6 +1182,10 @@ def resumed_args(args, ckpt, say):
     given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
     changed = {k: v for k, v in given.items() if k in saved and saved[k] != v
                and k not in ("resume", "out", "device", "workers")}
+    if "batch_size" in changed:
+        raise ValueError(f"--batch-size {args.batch_size}: {args.resume} was trained with batch "
+                         f"{saved['batch_size']}, and a resumed run keeps it (where it stopped and its "
+                         f"learning-rate schedule are counted in steps of that batch); drop --batch-size")
     if changed:
         say("changed on resume: " + ", ".join(f"{k}={v} (was {saved[k]})" for k, v in changed.items()))
     if "no_flip" in saved:           # a checkpoint from before --flip: it flipped at random, or not
