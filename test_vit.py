@@ -501,8 +501,7 @@ class TestTraining(unittest.TestCase):
                                   f"{tmp}/images")
             self.assertEqual(code, 1, log)
             self.assertIn(words, log)
-            code, log = run_train("--resume", ckpt, "--dataset", "folder", "--data-dir", f"{tmp}/images",
-                                  "--batch-size", 5)
+            code, log = run_train("--resume", ckpt, "--dataset", "folder", "--data-dir", f"{tmp}/images")
             self.assertEqual(code, 1, log)
             self.assertIn(words, log)
             folder_ckpt = torch.load(ckpt, weights_only=True)
@@ -766,6 +765,8 @@ class TestReliability(unittest.TestCase):
                      (("--resume", good, "--epochs", 2, "--optimizer", "adamw"), 1,
                       "does not fit --optimizer adamw"),
                      (("--resume", good, "--epochs", 2, "--batch-size", 25), 2, "a resumed run keeps it"),
+                     (("--resume", good, "--epochs", 2, "--val-split", 0.5), 1,
+                      "comes from a run on 1000 training images, and these data have 500"),
                      (("--dim", -4), 2, "dim must be positive"),
                      (("--device", "cuda:7"), 2, "--device cuda:7"),
                      (("--device", "banana"), 2, "not a device name"),
