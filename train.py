@@ -210,7 +210,8 @@ def get_parser():
     a("--out", default="model.pt", help="checkpoint written every epoch (default: model.pt); the "
       "metrics log goes next to it as <name>.metrics.jsonl")
     a("--resume", metavar="CKPT", help="continue the run saved in this checkpoint, with its settings "
-      "(flags you give override them; the model's shape can't change)")
+      "(flags you give override them; the model's shape, the batch size and the training images "
+      "can't change)")
     a("--patience", type=int, default=0, help="stop when the evaluation accuracy has not improved for "
       "this many epochs; 0 never stops early (default: 0)")
     a("--eval-only", action="store_true", help="evaluate --ckpt on the test set and exit")
