@@ -1269,8 +1269,8 @@ def run_eval_only(args):
                mean=info.get("mean", data.mean), std=info.get("std", data.std),
                autocast=autocast_for(device, amp_dtype), tta=args.tta)
     loss, acc = evaluate(model, data.test, ctx)
-    print(f"{args.ckpt}: {num_params(model) / 1e6:.2f}M parameters, trained {ckpt.get('epoch', '?')} "
-          f"epochs on {info.get('dataset', '?')}; evaluated on {len(data.test)} {dataset} test images "
+    print(f"{args.ckpt}: {num_params(model) / 1e6:.2f}M parameters, trained to epoch {ckpt.get('epoch', '?')} "
+          f"on {info.get('dataset', '?')}; evaluated on {len(data.test)} {dataset} test images "
           f"at {cfg.image_size}x{cfg.image_size}{', each with its mirror image (--tta)' if args.tta else ''}")
     print(f"test loss {loss:.4f}  test accuracy {100 * acc:.2f}%")
     return 0

@@ -619,7 +619,7 @@ def run(args):
     v = Visualizer(model, ckpt, images, labels, classes, mean, std, out, args,
                    many=None if args.images else many)
     print(f"{args.ckpt}: {cfg.depth} layers, {cfg.heads} heads, {cfg.grid[0]}x{cfg.grid[1]} patches, "
-          f"trained {ckpt.get('epoch', '?')} epochs on {info.get('dataset', '?')}; pictures in {out}/")
+          f"trained to epoch {ckpt.get('epoch', '?')} on {info.get('dataset', '?')}; pictures in {out}/")
     if not v.has_cls:
         print("this model pools the mean token and has no class token: attention pictures show the "
               "mean attention each patch receives instead")
