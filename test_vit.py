@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -275,7 +276,6 @@ class TestData(unittest.TestCase):
         # The used-by command's own data: torchvision's CIFAR files (pickled rows of 3072 bytes,
         # 1024 red, then green, then blue, row by row), written small here; the checksums are
         # skipped, as these are not the real files.
-        import pickle
         rows = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
         rows[:, 0, 1, 2] = torch.arange(5) + 10             # red of the pixel at row 1, column 2
         rows[:, 2, 31, 0] = 200                              # blue of the pixel at row 31, column 0
