@@ -901,8 +901,9 @@ def run(args):
     if steps_per_epoch == 0:
         raise DataError(f"the training set has {len(data.train)} images, fewer than one batch of "
                         f"{args.batch_size}; lower --batch-size")
-    if resume and resume.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        # Where the run stopped is a step count; with more or fewer training images it would point
+    if resume and resume.get("train_images", len(data.train)) != len(data.train):
+        # Where the run stopped is a step count (of the saved batch, which resumed_args keeps), and
+        # the epoch's order a shuffle of these images; with more or fewer of them it would point
         # into another epoch, and the schedule would no longer be the one the run began.
         raise CheckpointError(f"{args.resume} comes from a run on {resume['train_images']} training "
                               f"images, and these data have {len(data.train)}; resume on the same "
@@ -1013,7 +1014,7 @@ def run(args):
         return dict(config=asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
                     ema=ema.model.state_dict() if ema is not None else None,
                     scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
-                    steps_per_epoch=steps_per_epoch, train_images=len(data.train),
+                    train_images=len(data.train),
                     metrics=history, rng=rng,
                     args=dict(vars(args), dataset=dataset, data_dir=data_dir),
                     data=dict(dataset=dataset, classes=data.classes, mean=mean, std=std))
