@@ -713,6 +713,31 @@ class TestReliability(unittest.TestCase):
             self.assertEqual(train.load_checkpoint(out)["epoch"], 3)
             self.assertEqual(train.load_checkpoint(os.path.join(tmp, "m.best.pt"))["epoch"], 1)
 
+    def test_a_new_run_keeps_the_earlier_one_and_resume_writes_where_it_read(self):
+        def read(name):
+            with open(os.path.join(tmp, name), "rb") as f:
+                return f.read()
+        with tempfile.TemporaryDirectory() as tmp:
+            out, names = os.path.join(tmp, "m.pt"), ("m.pt", "m.best.pt", "m.metrics.jsonl")
+            self.assertEqual(run_train(*self.SMALL, "--epochs", 1, "--out", out)[0], 0)
+            first = {n: read(n) for n in names}
+            code, log = run_train(*self.SMALL, "--epochs", 1, "--seed", 1, "--out", out)
+            self.assertEqual(code, 0, log)
+            self.assertIn(f"{out} held an earlier run; kept it as", log)
+            for n in names:        # the first run, byte for byte, under .prev names; the second at m.*
+                self.assertEqual(read(n.replace("m.", "m.prev.", 1)), first[n])
+                self.assertNotEqual(read(n), first[n])
+            # --resume goes on in the file it names, not in the --out its run was started with
+            prev, other = os.path.join(tmp, "m.prev.pt"), os.path.join(tmp, "other.pt")
+            self.assertEqual(run_train("--resume", prev, "--epochs", 2)[0], 0)
+            self.assertEqual(train.load_checkpoint(prev)["epoch"], 2)
+            self.assertEqual(train.load_checkpoint(out)["epoch"], 1)
+            # resumed with --out elsewhere, the new log holds the run's earlier epochs too
+            self.assertEqual(run_train("--resume", prev, "--epochs", 3, "--out", other)[0], 0)
+            lines = read("other.metrics.jsonl").decode().splitlines()
+            self.assertEqual([json.loads(line)["epoch"] for line in lines], [1, 2, 3])
+            self.assertEqual(read("m.prev.metrics.jsonl").decode().splitlines(), lines[:2])
+
     def test_save_is_atomic(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "m.pt")

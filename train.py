@@ -207,8 +207,9 @@ def get_parser():
       "minute of compiling (the used-by command ran 1.13x as fast on 2 CPU cores, the compile "
       "included); on a CPU it needs a C++ compiler")
     a("--seed", type=int, default=0, help="random seed (default: 0)")
-    a("--out", default="model.pt", help="checkpoint written every epoch (default: model.pt); the "
-      "metrics log goes next to it as <name>.metrics.jsonl")
+    a("--out", default="model.pt", help="checkpoint written every epoch (default: model.pt, or "
+      "the --resume checkpoint); the metrics log goes next to it as <name>.metrics.jsonl. An "
+      "earlier run's files there are kept once, as <name>.prev.*")
     a("--resume", metavar="CKPT", help="continue the run saved in this checkpoint, with its settings "
       "(flags you give override them; the model's shape, the batch size and the training images "
       "can't change)")
@@ -1001,11 +1002,17 @@ def run(args):
 
     out_base = os.path.splitext(args.out)[0]
     metrics_path, best_path = out_base + ".metrics.jsonl", out_base + ".best.pt"
-    if is_main and not resume:
+    same_files = resume and os.path.abspath(args.resume) == os.path.abspath(args.out)
+    if is_main and not same_files:
+        # A new run starts its own checkpoint, best checkpoint and log. Those of an earlier run at
+        # this --out are kept once, as <name>.prev.*, so that a quick trial run started with the
+        # default --out can't wipe out the hours of training saved there.
         try:
-            open(metrics_path, "w").close()   # a new run starts a new log
+            keep_earlier_run(args.out, [best_path, metrics_path], say)
+            with open(metrics_path, "w") as f:      # a run resumed elsewhere: its epochs so far
+                f.writelines(json.dumps(h) + "\n" for h in history)
         except OSError as e:
-            raise CheckpointError(f"could not write {metrics_path} ({e.strerror}); choose another --out") from None
+            raise CheckpointError(f"could not write {e.filename} ({e.strerror}); choose another --out") from None
 
     def checkpoint():
         rng = dict(cpu=torch.get_rng_state())
@@ -1200,6 +1207,8 @@ def resumed_args(args, ckpt, say):
     if "no_flip" in saved:           # a checkpoint from before --flip: it flipped at random, or not
         saved = dict(saved, flip="none" if saved["no_flip"] else "random")
     merged = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **given}
+    if "out" not in given:            # a resumed run goes on in the file it was resumed from
+        merged["out"] = args.resume
     return argparse.Namespace(**merged)
 
 
@@ -1296,6 +1305,23 @@ def check_writable(path):
     except OSError as e:
         raise ValueError(f"--out {path} can't be written ({e.strerror or type(e).__name__}); "
                          f"choose another --out") from None
+
+
+def keep_earlier_run(out, companions, say):
+    """Rename the files of an earlier run at `out` to <name>.prev.*, replacing an older .prev set."""
+    base, ext = os.path.splitext(out)
+    files = [out] + companions                         # model.pt, model.best.pt, model.metrics.jsonl
+    prev = [base + ".prev" + f[len(base):] for f in files]   # model.prev.pt, model.prev.best.pt, ...
+    kept = [(f, p) for f, p in zip(files, prev) if os.path.isfile(f) and os.path.getsize(f) > 0]
+    if not kept:
+        return
+    for f, p in zip(files, prev):            # one earlier run's files, never two runs' mixed
+        if os.path.exists(p):
+            os.remove(p)
+    for f, p in kept:
+        os.replace(f, p)
+    say(f"{out} held an earlier run; kept it as {', '.join(p for f, p in kept)} (--resume "
+        f"{prev[0]} continues it)")
 
 
 def checkpoint_data(args, ckpt, dataset, cfg):
