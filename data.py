@@ -31,6 +31,7 @@ import math
 import os
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -221,21 +222,26 @@ def _decode_files(files, labels, image_size, where=""):
     from torchvision.transforms import v2
     square = [image_size, image_size]
     images, shapes = [], set()
-    start = last = time.monotonic()
-    for i, f in enumerate(files):
-        now = time.monotonic()
-        if now - last > 10:
-            # CIFAR decodes in seconds, but a folder of large photos takes minutes: say how far.
-            last = now
-            left = (now - start) / i * (len(files) - i)
-            print(f"decoding {where}: {i}/{len(files)} images, about {left:.0f} s to go", flush=True)
-        x = read_image(f)                                          # (3, H, W) uint8
-        shapes.add(tuple(x.shape))
-        if max(x.shape[-2:]) > image_size:
-            # Never hold more pixels than the model takes, and shrink each image as it comes:
-            # a folder of photos kept at full size until the end would not fit in memory.
-            x = v2.functional.resize(x, square, antialias=True)   # (3, image_size, image_size)
-        images.append(x)
+    # Photos (100 kB and more a file) take milliseconds each to decode, in C with Python's lock
+    # released, so threads decode as many at once as there are cores (measured on 2 cores: 1.9x
+    # faster). Small files like CIFAR's (2 kB) go faster one by one: handing each to a thread costs
+    # more than decoding it (measured: twice the time, even with one thread).
+    photos = sum(os.path.getsize(f) for f in files) > 100_000 * len(files)
+    pool = ThreadPoolExecutor(os.cpu_count() or 1)
+    try:
+        read = lambda f: _read_small(f, image_size, peek=photos)   # noqa: E731
+        start = last = time.monotonic()
+        for i, (x, stored) in enumerate(pool.map(read, files) if photos else map(read, files)):
+            now = time.monotonic()
+            if now - last > 10:
+                # CIFAR decodes in seconds, but a folder of large photos takes minutes: say how far.
+                last = now
+                left = (now - start) / i * (len(files) - i)
+                print(f"decoding {where}: {i}/{len(files)} images, about {left:.0f} s to go", flush=True)
+            shapes.add(stored)
+            images.append(x)                           # (3, H, W) uint8, at most image_size a side
+    finally:
+        pool.shutdown(cancel_futures=True)             # after an error (a broken file): stop there
     if len(shapes) > 1:
         # Images of several sizes: all to one, so that they fit one tensor. (Images of one size,
         # smaller than the model's input, are kept as they are; normalize() enlarges each batch.)
@@ -244,8 +250,39 @@ def _decode_files(files, labels, image_size, where=""):
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
 
 
+def _read_small(path, image_size, peek):
+    """One file -> ((3, H, W) uint8, its (H, W) as stored), shrunk to image_size a side if larger.
+
+    Each image is shrunk as it is read, never kept at full size: a folder of photos held whole until
+    the last one was read would not fit in memory (10,000 of 2000x1500 pixels: 90 GB). With `peek`
+    the file's header is read first, for the size: a photo larger than the model's input is then
+    decoded straight to a fraction of its size (read_image's draft mode). For small files the peek
+    costs more than it saves (measured: 75% more time on CIFAR's).
+    """
+    from torchvision.transforms import v2
+    if peek:
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(path) as im:             # the header only: the size, not the pixels
+                stored = im.size[::-1]                 # (H, W)
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path} is not an image PIL can read ({e})") from None
+        return read_image(path, image_size if max(stored) > image_size else None), stored
+    x = read_image(path)                               # (3, H, W) uint8
+    stored = tuple(x.shape[-2:])
+    if max(stored) > image_size:
+        x = v2.functional.resize(x, [image_size, image_size], antialias=True)
+    return x, stored
+
+
 def read_image(path, size=None):
     """Any image file -> (3, H, W) uint8 RGB, resized to size x size if given and different.
+
+    A JPEG read at a size several times smaller than stored is decoded straight to a half, a
+    quarter or an eighth of its size (PIL's draft mode, which the JPEG format allows cheaply), never
+    below `size`, and then resized: 2.4x faster for a 4000x3000 photo read at 224 pixels (measured:
+    29-30 against 69-73 ms), with pixels that differ from a full decode's by 0.3 levels in 255
+    on average.
 
     JPEGs, the usual case, go to torchvision's decoder, which turns bytes straight into a tensor:
     the same pixels as PIL (checked on all of the CIFAR-10 JPEG copy) in under half the time
@@ -266,6 +303,8 @@ def read_image(path, size=None):
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
+            if size is not None:
+                im.draft("RGB", (size, size))         # JPEGs only; other formats ignore it
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             im = im.convert("RGB")

@@ -19,12 +19,11 @@ import sys
 import tempfile
 import unittest
 import unittest.mock
-import weakref
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 import data as datasets
 import train
@@ -205,22 +204,37 @@ class TestData(unittest.TestCase):
             self.assertEqual(len(d.mean), 3)
 
     def test_large_images_are_shrunk_as_they_are_read(self):
-        # A folder of photos must not be held at full size until the last one is read: by each
-        # read, every earlier full-size image is already gone (only its 16x16 copy kept).
-        read = []
+        # A folder of photos must never be held at full size: each is read small (a JPEG decoded
+        # at a fraction of its size by PIL's draft mode, then resized), in threads, in file order.
+        shapes, drafts, real = [], [], datasets.read_image
 
-        def photo(path, size=None):
-            self.assertEqual(sum(r() is not None for r in read), 0, "full-size images kept")
-            x = torch.full((3, 300, 400), len(read), dtype=torch.uint8)     # (3, H, W)
-            read.append(weakref.ref(x))
+        def spy(path, size=None):
+            x = real(path, size)
+            shapes.append(tuple(x.shape))
             return x
+        real_draft = JpegImagePlugin.JpegImageFile.draft
+
+        def draft(im, mode, size):
+            drafts.append(size)
+            return real_draft(im, mode, size)
         clock = itertools.count(step=6)    # each look at the clock 6 s later: a slow folder
-        with unittest.mock.patch.object(datasets, "read_image", photo), \
-                unittest.mock.patch.object(datasets.time, "monotonic", lambda: next(clock)), \
-                contextlib.redirect_stdout(io.StringIO()) as out:
-            split = datasets._decode_files(["a.jpg", "b.jpg", "c.jpg"], [0, 1, 0], 16, "photos/train")
+        with tempfile.TemporaryDirectory() as tmp:
+            files = [f"{tmp}/{i}.jpg" for i in range(3)]
+            noise = torch.Generator().manual_seed(0)
+            for i, f in enumerate(files):      # noise, so that each file is as big as a photo's
+                x = torch.randint(0, 40, (480, 640, 3), generator=noise, dtype=torch.uint8) + 80 * i
+                Image.fromarray(x.numpy()).save(f, quality=95)
+            self.assertGreater(min(os.path.getsize(f) for f in files), 100_000)
+            with unittest.mock.patch.object(datasets, "read_image", spy), \
+                    unittest.mock.patch.object(JpegImagePlugin.JpegImageFile, "draft", draft), \
+                    unittest.mock.patch.object(datasets.time, "monotonic", lambda: next(clock)), \
+                    contextlib.redirect_stdout(io.StringIO()) as out:
+                split = datasets._decode_files(files, [0, 1, 0], 16, "photos/train")
+        self.assertEqual(shapes, [(3, 16, 16)] * 3)          # no full-size image ever left a read
+        self.assertEqual(drafts, [(16, 16)] * 3)
         self.assertEqual(split.images.shape, (3, 3, 16, 16))
-        self.assertEqual(split.images[:, 0, 0, 0].tolist(), [0, 1, 2])
+        red = split.images[:, 0].float().mean(dim=(1, 2))          # (3,): about 20, 100, 180
+        self.assertEqual([round((v - 20) / 80) for v in red.tolist()], [0, 1, 2])
         self.assertIn("decoding photos/train: 1/3 images, about 24 s to go", out.getvalue())
 
     def test_image_folder_cache(self):
