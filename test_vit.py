@@ -1009,6 +1009,19 @@ class TestRecipe(unittest.TestCase):
             with unittest.mock.patch.dict(os.environ, {"LOCAL_WORLD_SIZE": "3"}):
                 self.assertEqual(train.default_workers(gpu, "randaugment", 0.0), 5)
 
+    def test_precision_flag_changes_the_arithmetic(self):
+        # On a GPU --precision auto means bf16 (or fp16 with loss scaling); both run on a CPU too,
+        # so the path a GPU takes is tested here: autocast changes the sums, and only fp16 scales.
+        fp32, _ = self.train_weights("--precision", "fp32")
+        for name in ("bf16", "fp16"):
+            ckpt, log = self.train_weights("--precision", name)
+            self.assertIn(f"precision {train.pick_precision(name, torch.device('cpu'))}", log)
+            w, w32 = ckpt["model"]["blocks.0.attn.qkv.weight"], fp32["model"]["blocks.0.attn.qkv.weight"]
+            self.assertFalse(torch.equal(w, w32), name)
+            torch.testing.assert_close(w, w32, rtol=0, atol=0.02)           # the same training, rounded
+            self.assertEqual(bool(ckpt["scaler"]), name == "fp16", name)  # GradScaler's state, if on
+        self.assertEqual(fp32["scaler"], {})
+
     def test_presets_set_defaults_that_flags_override(self):
         for name, preset in train.PRESETS.items():
             args = train.parse_args(["--preset", name])
