@@ -726,6 +726,13 @@ class TestReliability(unittest.TestCase):
             self.assertIn("stopping early", log)
             self.assertEqual(train.load_checkpoint(out)["epoch"], 3)
             self.assertEqual(train.load_checkpoint(os.path.join(tmp, "m.best.pt"))["epoch"], 1)
+            # The best checkpoint resumes too, into itself, with a log that starts from its epoch 1.
+            code, log = run_train("--resume", os.path.join(tmp, "m.best.pt"))
+            self.assertEqual(code, 0, log)
+            self.assertIn("resuming", log)
+            self.assertEqual(train.load_checkpoint(os.path.join(tmp, "m.best.pt"))["epoch"], 3)
+            with open(os.path.join(tmp, "m.best.metrics.jsonl")) as f:
+                self.assertEqual([json.loads(line)["epoch"] for line in f], [1, 2, 3])
 
     def test_a_new_run_keeps_the_earlier_one_and_resume_writes_where_it_read(self):
         def read(name):

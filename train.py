@@ -14,7 +14,8 @@ Muon instead of the paper's AdamW (`Muon` below; --optimizer adamw gives the pap
 Fine-tuning (--pretrained) follows the paper's fine-tuning recipe instead (SGD with momentum,
 Table 4). Each epoch writes `model.pt` (everything needed to rebuild the model or to continue
 training), keeps the best one as `model.best.pt`, and appends one JSON line to
-`model.metrics.jsonl`. Ctrl-C saves and tells how to resume.
+`model.metrics.jsonl`; an earlier run's files there are kept as `model.prev.*`. Ctrl-C saves and
+tells how to resume.
 
 Letters in shape comments: B batch, C channels, H/W image size, K classes.
 """
@@ -1002,14 +1003,17 @@ def run(args):
 
     out_base = os.path.splitext(args.out)[0]
     metrics_path, best_path = out_base + ".metrics.jsonl", out_base + ".best.pt"
-    same_files = resume and os.path.abspath(args.resume) == os.path.abspath(args.out)
-    if is_main and not same_files:
-        # A new run starts its own checkpoint, best checkpoint and log. Those of an earlier run at
-        # this --out are kept once, as <name>.prev.*, so that a quick trial run started with the
-        # default --out can't wipe out the hours of training saved there.
+    if is_main:
         try:
-            keep_earlier_run(args.out, [best_path, metrics_path], say)
-            with open(metrics_path, "w") as f:      # a run resumed elsewhere: its epochs so far
+            if not (resume and os.path.abspath(args.resume) == os.path.abspath(args.out)):
+                # A new run (or one resumed into another --out) starts its own checkpoint, best
+                # checkpoint and log. Those of an earlier run at this --out are kept once, as
+                # <name>.prev.*, so that a quick trial with the default --out can't wipe out the
+                # hours of training saved there.
+                keep_earlier_run(args.out, [best_path, metrics_path], say)
+            # The log starts as the checkpoint's history (empty for a new run), so that it always
+            # matches the checkpoint, whichever one the run was resumed from.
+            with open(metrics_path, "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
         except OSError as e:
             raise CheckpointError(f"could not write {e.filename} ({e.strerror}); choose another --out") from None
@@ -1053,6 +1057,10 @@ def run(args):
             train_loss, train_acc, n = check_finite(totals[0].item(), step) / totals[2].item(), \
                 totals[1].item() / totals[2].item(), int(totals[2].item())
             eval_loss, eval_acc = evaluate(eval_model, eval_split, ctx)
+            # Rounded as the log and the checkpoint's history keep it, so that after a resume an
+            # equal accuracy compares as equal (not as a float32's last digits), for the best
+            # checkpoint and --patience alike.
+            eval_acc = round(eval_acc, 4)
             record = dict(epoch=epoch + 1, step=step, train_loss=round(train_loss, 4),
                           train_acc=round(train_acc, 4), eval_split=eval_name, eval_tta=args.tta,
                           eval_loss=round(eval_loss, 4), eval_acc=round(eval_acc, 4),
