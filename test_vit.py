@@ -745,11 +745,11 @@ class TestReliability(unittest.TestCase):
             code, log = run_train(*self.SMALL, "--epochs", 1, "--seed", 1, "--out", out)
             self.assertEqual(code, 0, log)
             self.assertIn(f"{out} held an earlier run; kept it as", log)
-            for n in names:        # the first run, byte for byte, under .prev names; the second at m.*
-                self.assertEqual(read(n.replace("m.", "m.prev.", 1)), first[n])
+            for n in names:        # the first run, byte for byte, under _prev names; the second at m.*
+                self.assertEqual(read(n.replace("m.", "m_prev.", 1)), first[n])
                 self.assertNotEqual(read(n), first[n])
             # --resume goes on in the file it names, not in the --out its run was started with
-            prev, other = os.path.join(tmp, "m.prev.pt"), os.path.join(tmp, "other.pt")
+            prev, other = os.path.join(tmp, "m_prev.pt"), os.path.join(tmp, "other.pt")
             self.assertEqual(run_train("--resume", prev, "--epochs", 2)[0], 0)
             self.assertEqual(train.load_checkpoint(prev)["epoch"], 2)
             self.assertEqual(train.load_checkpoint(out)["epoch"], 1)
@@ -757,7 +757,17 @@ class TestReliability(unittest.TestCase):
             self.assertEqual(run_train("--resume", prev, "--epochs", 3, "--out", other)[0], 0)
             lines = read("other.metrics.jsonl").decode().splitlines()
             self.assertEqual([json.loads(line)["epoch"] for line in lines], [1, 2, 3])
-            self.assertEqual(read("m.prev.metrics.jsonl").decode().splitlines(), lines[:2])
+            self.assertEqual(read("m_prev.metrics.jsonl").decode().splitlines(), lines[:2])
+            # An --out without an extension: the kept files are the ones its own resume looks for.
+            for f in train.run_files(os.path.join(tmp, "run")):
+                with open(f, "w") as fh:
+                    fh.write(f)
+            said = []
+            train.keep_earlier_run(os.path.join(tmp, "run"), said.append)
+            for f, p in zip(train.run_files(os.path.join(tmp, "run")), train.run_files(os.path.join(tmp, "run_prev"))):
+                self.assertFalse(os.path.exists(f))
+                self.assertEqual(read(os.path.basename(p)).decode(), f)
+            self.assertIn(f"--resume {os.path.join(tmp, 'run_prev')} continues it", said[0])
 
     def test_save_is_atomic(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ Muon instead of the paper's AdamW (`Muon` below; --optimizer adamw gives the pap
 Fine-tuning (--pretrained) follows the paper's fine-tuning recipe instead (SGD with momentum,
 Table 4). Each epoch writes `model.pt` (everything needed to rebuild the model or to continue
 training), keeps the best one as `model.best.pt`, and appends one JSON line to
-`model.metrics.jsonl`; an earlier run's files there are kept as `model.prev.*`. Ctrl-C saves and
+`model.metrics.jsonl`; an earlier run's files there are kept as `model_prev.*`. Ctrl-C saves and
 tells how to resume.
 
 Letters in shape comments: B batch, C channels, H/W image size, K classes.
@@ -210,7 +210,7 @@ def get_parser():
     a("--seed", type=int, default=0, help="random seed (default: 0)")
     a("--out", default="model.pt", help="checkpoint written every epoch (default: model.pt, or "
       "the --resume checkpoint); the metrics log goes next to it as <name>.metrics.jsonl. An "
-      "earlier run's files there are kept once, as <name>.prev.*")
+      "earlier run's files there are kept once, as <name>_prev.*")
     a("--resume", metavar="CKPT", help="continue the run saved in this checkpoint, with its settings "
       "(flags you give override them; the model's shape, the batch size and the training images "
       "can't change)")
@@ -1001,16 +1001,15 @@ def run(args):
     if args.benchmark:
         return run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, args)
 
-    out_base = os.path.splitext(args.out)[0]
-    metrics_path, best_path = out_base + ".metrics.jsonl", out_base + ".best.pt"
+    _, best_path, metrics_path = run_files(args.out)
     if is_main:
         try:
             if not (resume and os.path.abspath(args.resume) == os.path.abspath(args.out)):
                 # A new run (or one resumed into another --out) starts its own checkpoint, best
                 # checkpoint and log. Those of an earlier run at this --out are kept once, as
-                # <name>.prev.*, so that a quick trial with the default --out can't wipe out the
+                # <name>_prev.*, so that a quick trial with the default --out can't wipe out the
                 # hours of training saved there.
-                keep_earlier_run(args.out, [best_path, metrics_path], say)
+                keep_earlier_run(args.out, say)
             # The log starts as the checkpoint's history (empty for a new run), so that it always
             # matches the checkpoint, whichever one the run was resumed from.
             with open(metrics_path, "w") as f:
@@ -1315,15 +1314,20 @@ def check_writable(path):
                          f"choose another --out") from None
 
 
-def keep_earlier_run(out, companions, say):
-    """Rename the files of an earlier run at `out` to <name>.prev.*, replacing an older .prev set."""
+def run_files(out):
+    """The files of a run written to `out`: model.pt, model.best.pt and model.metrics.jsonl."""
+    base = os.path.splitext(out)[0]
+    return out, base + ".best.pt", base + ".metrics.jsonl"
+
+
+def keep_earlier_run(out, say):
+    """Rename the files of an earlier run at `out` to <name>_prev.*, replacing an older such set."""
     base, ext = os.path.splitext(out)
-    files = [out] + companions                         # model.pt, model.best.pt, model.metrics.jsonl
-    prev = [base + ".prev" + f[len(base):] for f in files]   # model.prev.pt, model.prev.best.pt, ...
+    files, prev = run_files(out), run_files(base + "_prev" + ext)   # model_prev.pt, model_prev.best.pt, ...
     kept = [(f, p) for f, p in zip(files, prev) if os.path.isfile(f) and os.path.getsize(f) > 0]
     if not kept:
         return
-    for f, p in zip(files, prev):            # one earlier run's files, never two runs' mixed
+    for p in prev:                           # one earlier run's files, never two runs' mixed
         if os.path.exists(p):
             os.remove(p)
     for f, p in kept:
