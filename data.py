@@ -26,6 +26,7 @@ Stronger options for longer runs, all off by default: augmentation policies and 
 Letters in shape comments: N images, C channels, H/W height/width, B batch.
 """
 
+import functools
 import hashlib
 import math
 import os
@@ -229,7 +230,7 @@ def _decode_files(files, labels, image_size, where=""):
     photos = sum(os.path.getsize(f) for f in files) > 100_000 * len(files)
     pool = ThreadPoolExecutor(os.cpu_count() or 1)
     try:
-        read = lambda f: _read_small(f, image_size, peek=photos)   # noqa: E731
+        read = functools.partial(_read_small, image_size=image_size, peek=photos)
         start = last = time.monotonic()
         for i, (x, stored) in enumerate(pool.map(read, files) if photos else map(read, files)):
             now = time.monotonic()
