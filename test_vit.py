@@ -1458,6 +1458,21 @@ class TestVisualize(unittest.TestCase):
                                                  f"{tmp}/nowhere", "--out", f"{tmp}/pictures"]), 1)
             self.assertIn("does not exist", err.getvalue())
             self.assertFalse(os.path.exists(f"{tmp}/pictures"))
+            # Your own images need only the checkpoint: without its data, the pictures of the
+            # dataset are left out, and the predictions come in words too.
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(visualize.main(["--ckpt", f"{tmp}/folder.pt", "--images", *paths[:2],
+                                                 "--data-dir", f"{tmp}/nowhere", "--out", f"{tmp}/mine"]), 0)
+            self.assertIn("drawing your images only", out.getvalue())
+            self.assertRegex(out.getvalue(), rf"{re.escape(paths[1])}: \w+ \d+\.\d%, \w+ \d+\.\d%, \w+ \d+\.\d%")
+            drawn = sorted(os.listdir(f"{tmp}/mine"))
+            self.assertIn("predictions.png", drawn)
+            self.assertIn("attention.png", drawn)
+            self.assertFalse({"confusion.png", "cls_embeddings.png", "augmentation.png"} & set(drawn), drawn)
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):   # asked for
+                self.assertEqual(visualize.main(["--ckpt", f"{tmp}/folder.pt", "--images", paths[0],
+                                                 "--data-dir", f"{tmp}/nowhere", "--only", "augmentation"]), 1)
 
 
 if __name__ == "__main__":

@@ -419,6 +419,12 @@ class Visualizer:
     def predictions(self):
         logits, _ = self.forward(self.images)
         pred = logits.argmax(1)
+        if self.labels is None:              # your own images (--images): the answer in words too
+            probs = logits.float().softmax(1)                           # (B, K)
+            for path, p in zip(self.args.images, probs):
+                top = p.topk(min(3, len(p)))
+                print(f"{path}: " + ", ".join(f"{self.classes[k] if k < len(self.classes) else k} "
+                                              f"{100 * v:.1f}%" for v, k in zip(*top)))
         rows, colors = [[image_tile(img)] for img in self.images], {}
         for i, p in enumerate(pred.tolist()):
             if self.labels is not None and p != self.labels[i]:
@@ -536,7 +542,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Draw what a trained ViT does, from a checkpoint.")
     p.add_argument("--ckpt", default="model.pt", help="checkpoint written by train.py (default: model.pt)")
     p.add_argument("--images", nargs="+", help="your own image files instead of test images (any "
-                   "format PIL reads; converted to RGB and resized to the model's input)")
+                   "format PIL reads; converted to RGB and resized to the model's input); the "
+                   "model's three likeliest classes for each are printed too")
     p.add_argument("--out", help="folder for the pictures (default: <ckpt name>_vis next to the checkpoint)")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(PICTURES)}")
     p.add_argument("--layer", type=int, default=0, help="a layer to show beside the last in "
@@ -592,16 +599,24 @@ def run(args):
     args.layer = (args.layer - 1) if args.layer > 0 else (args.layer if args.layer < 0 else cfg.depth // 2)
 
     data = None
-    needs_data = not args.images or any(p in only for p in ("predictions", "cls_embeddings", "augmentation"))
-    if needs_data:
-        dataset = info.get("dataset", "cifar10")
-        data = checkpoint_data(args, ckpt, dataset, cfg)
+    of_the_data = [p for p in only if p in ("cls_embeddings", "augmentation")]
+    if not args.images or of_the_data or "predictions" in only:
+        try:
+            data = checkpoint_data(args, ckpt, info.get("dataset", "cifar10"), cfg)
+        except DataError as e:
+            if not args.images or (args.only and of_the_data):
+                raise
+            # Your own images need no dataset, so a checkpoint alone can draw them; only the
+            # pictures of the dataset (the confusion matrix, the embeddings, augmentation) can't.
+            print(f"drawing your images only, without the pictures of the dataset: {e}")
+            only = [p for p in only if p not in of_the_data]
+    if data is not None:
         # The test images in a random order, from which every picture takes its images: an image
         # folder lists them class by class, so the 2,000 that the confusion matrix and the
         # embeddings use must be a random sample, not the first 2,000 (two classes of CIFAR-10).
         pick = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(args.seed))
         sample = pick[:2000]
-    mean, std = info.get("mean") or data.mean, info.get("std") or data.std
+    mean, std = info.get("mean") or data.mean, info.get("std") or data.std   # older checkpoints: data's
 
     if args.images:
         # Any size and mode in; RGB at the model's input size out (the model could take no other).
@@ -626,7 +641,8 @@ def run(args):
     for name in only:
         if name == "predictions":
             v.predictions()
-            v.confusion(data.test.images[sample], data.test.labels[sample])
+            if data is not None:
+                v.confusion(data.test.images[sample], data.test.labels[sample])
         elif name == "cls_embeddings":
             v.cls_embeddings(data.test.images[sample], data.test.labels[sample])
         elif name == "augmentation":
