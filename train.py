@@ -1062,7 +1062,7 @@ def run(args):
             eval_acc = round(eval_acc, 4)
             record = dict(epoch=epoch + 1, step=step, train_loss=round(train_loss, 4),
                           train_acc=round(train_acc, 4), eval_split=eval_name, eval_tta=args.tta,
-                          eval_loss=round(eval_loss, 4), eval_acc=round(eval_acc, 4),
+                          eval_loss=round(eval_loss, 4), eval_acc=eval_acc,
                           lr=lr_at(step - 1, **sched), images_per_s=round(n / train_time, 1),
                           epoch_s=round(time.time() - t0, 1), elapsed_s=round(time.time() - run_start, 1),
                           train_size=side)
