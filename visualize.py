@@ -431,8 +431,9 @@ class Visualizer:
                 colors[i] = (200, 0, 0)
         picture = grid_picture(rows, [self.label_text(i, p) for i, p in enumerate(pred.tolist())],
                                title="predictions (wrong in red)", label_colors=colors)
-        self.save(picture, "predictions.png", "each image with the model's prediction and the "
-                  "true label; wrong predictions are in red")
+        self.save(picture, "predictions.png", "each of your images with the model's prediction"
+                  if self.labels is None else "each image with the model's prediction and the true "
+                  "label; wrong predictions are in red")
 
     def confusion(self, images, labels):
         K = self.cfg.num_classes
