@@ -1227,6 +1227,18 @@ class TestRecipe(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "patch stem"):
             vit.pca_patch_init(vit.build_model("cifar_tiny", dim=96, stem="conv"), images)
 
+    def test_pca_start_takes_fewer_images_when_they_are_large(self):
+        seen = []
+
+        def record(model, images):
+            seen.append(tuple(images.shape))
+            raise KeyboardInterrupt                # enough seen: stop before training
+        with tempfile.TemporaryDirectory() as tmp, unittest.mock.patch.object(vit, "pca_patch_init", record):
+            code, log = run_train("--dataset", "fake", "--image-size", 224, "--patch-size", 32, "--dim", 32,
+                                  "--depth", 1, "--heads", 2, "--out", f"{tmp}/m.pt")
+        self.assertEqual(code, 128 + signal.SIGINT, log)
+        self.assertEqual(seen, [(332, 3, 224, 224)])   # 5000 would be 3 GB of floats, 12 GB at the peak
+
     def test_mimetic_attention_init_attends_to_neighbours(self):
         model = vit.build_model("cifar_tiny", dim=96, heads=3)         # D 96, 3 heads of d 32
         model.pos_embed.data.copy_(vit.sincos_pos_embed((8, 8), 96, False))   # 64 patch tokens, no class token
