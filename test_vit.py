@@ -1417,6 +1417,23 @@ class TestVisualize(unittest.TestCase):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--only", "predictions,cls_embeddings"]), 0)
             self.assertEqual(seen, {"confusion": set(range(10)), "embeddings": set(range(10))})
 
+    def test_many_images_are_classified_without_attention_maps(self):
+        # The confusion matrix classifies 2,000 images: by the fused path, 100 at a time, the same
+        # scores as the explicit path that keeps every layer's maps (ViT-B/16 at 224 pixels: 0.93 GB
+        # a layer for 500 images).
+        torch.manual_seed(0)
+        model = vit.build_model("cifar_tiny", dim=32, heads=2, depth=2).eval()
+        images = torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8)
+        with tempfile.TemporaryDirectory() as tmp:
+            v = visualize.Visualizer(model, {}, images[:8], None, list("abcdefghij"), (0.5,) * 3,
+                                     (0.25,) * 3, tmp, None)
+            with unittest.mock.patch.object(visualize.Visualizer, "forward", side_effect=AssertionError("maps")), \
+                    contextlib.redirect_stdout(io.StringIO()):
+                scores = v.logits(images)
+                v.confusion(images, torch.randint(0, 10, (250,)))
+            self.assertTrue(os.path.isfile(os.path.join(tmp, "confusion.png")))
+        torch.testing.assert_close(scores, v.forward(images)[0], rtol=1e-4, atol=1e-5)
+
     def test_plot_ticks_are_round_numbers(self):
         labels = lambda lo, hi: [f"{t:.3g}" for t in visualize.round_ticks(lo, hi)]
         self.assertEqual(labels(0.346, 0.822), ["0.4", "0.5", "0.6", "0.7", "0.8"])
