@@ -679,6 +679,22 @@ class TestReliability(unittest.TestCase):
         self.assertEqual(vis_code, 128 + signal.SIGINT)
         self.assertIn("stopped by Ctrl-C", err.getvalue())
 
+    def test_out_of_memory_is_one_sentence_with_the_way_out(self):
+        for error in (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                      RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB)"),
+                      RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                   "can't allocate memory: you tried to allocate 8589934592 bytes"),
+                      MemoryError()):
+            with self.subTest(error=error), unittest.mock.patch.object(train, "run", side_effect=error):
+                code, log = run_train("--dataset", "fake")
+                self.assertEqual(code, 1, log)
+                self.assertIn("error: out of memory (", log)
+                self.assertIn("--grad-accum 4", log)
+                self.assertNotIn("Traceback", log)
+        with unittest.mock.patch.object(train, "run", side_effect=RuntimeError("a bug")):
+            with self.assertRaisesRegex(RuntimeError, "a bug"):      # other errors stay tracebacks
+                run_train("--dataset", "fake")
+
     def test_full_disk_while_saving_is_one_sentence(self):
         def full_disk(obj, f, *args, **kwargs):
             f.write(b"half a checkpoint")

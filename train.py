@@ -798,6 +798,18 @@ def main(argv=None):
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (RuntimeError, MemoryError) as e:
+        # Too large a batch for the device's memory is a setting to change, not a bug: say which.
+        # (CUDA says "CUDA out of memory", MPS "MPS backend out of memory", the CPU "can't allocate
+        # memory" or "not enough memory".)
+        text = str(e)
+        if not isinstance(e, MemoryError) and not any(s in text for s in ("out of memory", "allocate memory", "not enough memory")):
+            raise
+        print(f"error: out of memory ({text.splitlines()[0][:240] if text else type(e).__name__}); "
+              f"lower --batch-size, or keep it and split each step into parts with --grad-accum, e.g. "
+              f"--grad-accum 4 (the same training, a quarter of the images at a time; a checkpoint "
+              f"already saved goes on that way with --resume model.pt --grad-accum 4)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         # Ctrl-C before training began (decoding images, say), or a second one during it. Saves
         # are written aside and then renamed, so whatever checkpoint is there is whole.
