@@ -1449,6 +1449,12 @@ class TestVisualize(unittest.TestCase):
                 v.confusion(images, torch.randint(0, 10, (250,)))
             self.assertTrue(os.path.isfile(os.path.join(tmp, "confusion.png")))
         torch.testing.assert_close(scores, v.forward(images)[0], rtol=1e-4, atol=1e-5)
+        # A slow pass (a big model on a CPU) says how far it has got.
+        clock = itertools.count(step=6)                  # each look at the clock 6 s later
+        with unittest.mock.patch.object(visualize.time, "monotonic", lambda: next(clock)), \
+                contextlib.redirect_stdout(io.StringIO()) as out:
+            self.assertEqual([len(c) for c in visualize.chunks(images, 100, "confusion matrix")], [100, 100, 50])
+        self.assertIn("confusion matrix: 100/250 images, about 18 s to go", out.getvalue())
 
     def test_plot_ticks_are_round_numbers(self):
         labels = lambda lo, hi: [f"{t:.3g}" for t in visualize.round_ticks(lo, hi)]

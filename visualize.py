@@ -29,6 +29,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,19 @@ def image_tile(image, size=None):
 def size_of(shape, size):
     """Keep the aspect ratio of a (height, width) shape, with the width equal to `size`."""
     return max(1, round(size * shape[0] / shape[1])), size
+
+
+def chunks(images, size, what):
+    """images (B, ...) in chunks of `size`. Many images through a large model on a CPU take minutes
+    (2,000 through ViT-B/16), so a long pass says how far it has got every 10 s."""
+    start = last = time.monotonic()
+    for s in range(0, len(images), size):
+        now = time.monotonic()
+        if now - last > 10:
+            last = now
+            left = (now - start) / s * (len(images) - s)
+            print(f"{what}: {s}/{len(images)} images, about {left:.0f} s to go", flush=True)
+        yield images[s:s + size]
 
 
 def to_pil(t):
@@ -372,7 +386,7 @@ class Visualizer:
         # shown elsewhere, a head's distance depends on which images were drawn. In chunks, so that
         # a large model's maps (B, h, N, N) for every layer never have to fit in memory at once.
         sums = 0
-        for chunk in self.many.split(32):
+        for chunk in chunks(self.many, 32, "attention distances"):
             _, maps = self.forward(chunk)
             sums = sums + torch.stack([mean_attention_distance(a, self.cfg.grid, self.cfg.patch_size)
                                        for a in maps]) * len(chunk)             # (depth, h)
@@ -441,7 +455,7 @@ class Visualizer:
         every layer's attention maps, which for 500 images of 224 pixels in ViT-B/16 would be
         (500, 12, 197, 197) floats, 0.93 GB, in each of its 12 layers."""
         out = []
-        for chunk in images.split(100):
+        for chunk in chunks(images, 100, "confusion matrix"):
             x = datasets.normalize(chunk.to(self.device), self.mean, self.std, self.cfg.input_size)
             out.append(self.model(x).float().cpu())
         return torch.cat(out)
@@ -479,7 +493,7 @@ class Visualizer:
     @torch.no_grad()
     def cls_embeddings(self, images, labels):
         feats = []
-        for chunk in images.split(100):                  # 100 at a time, as in logits()
+        for chunk in chunks(images, 100, "embeddings"):    # 100 at a time, as in logits()
             x = datasets.normalize(chunk.to(self.device), self.mean, self.std, self.cfg.input_size)
             t = self.model.embed(x)
             for block in self.model.blocks:
