@@ -1434,9 +1434,9 @@ class TestVisualize(unittest.TestCase):
             self.assertEqual(seen, {"confusion": set(range(10)), "embeddings": set(range(10))})
 
     def test_many_images_are_classified_without_attention_maps(self):
-        # The confusion matrix classifies 2,000 images: by the fused path, 100 at a time, the same
-        # scores as the explicit path that keeps every layer's maps (ViT-B/16 at 224 pixels: 0.93 GB
-        # a layer for 500 images).
+        # The confusion matrix and the embeddings take 2,000 images: one pass for both, by the
+        # fused path, 100 at a time, giving the same scores as the explicit path that keeps every
+        # layer's maps (ViT-B/16 at 224 pixels: 0.93 GB a layer for 500 images).
         torch.manual_seed(0)
         model = vit.build_model("cifar_tiny", dim=32, heads=2, depth=2).eval()
         images = torch.randint(0, 256, (250, 3, 32, 32), dtype=torch.uint8)
@@ -1445,16 +1445,20 @@ class TestVisualize(unittest.TestCase):
                                      (0.25,) * 3, tmp, None)
             with unittest.mock.patch.object(visualize.Visualizer, "forward", side_effect=AssertionError("maps")), \
                     contextlib.redirect_stdout(io.StringIO()):
-                scores = v.logits(images)
-                v.confusion(images, torch.randint(0, 10, (250,)))
+                summaries = v.summaries(images)                           # (250, 32)
+                v.confusion(summaries, torch.randint(0, 10, (250,)))
+                v.cls_embeddings(summaries, torch.randint(0, 10, (250,)))
             self.assertTrue(os.path.isfile(os.path.join(tmp, "confusion.png")))
+            self.assertTrue(os.path.isfile(os.path.join(tmp, "cls_embeddings.png")))
+        with torch.no_grad():
+            scores = model.head(summaries)
         torch.testing.assert_close(scores, v.forward(images)[0], rtol=1e-4, atol=1e-5)
         # A slow pass (a big model on a CPU) says how far it has got.
         clock = itertools.count(step=6)                  # each look at the clock 6 s later
         with unittest.mock.patch.object(visualize.time, "monotonic", lambda: next(clock)), \
                 contextlib.redirect_stdout(io.StringIO()) as out:
-            self.assertEqual([len(c) for c in visualize.chunks(images, 100, "confusion matrix")], [100, 100, 50])
-        self.assertIn("confusion matrix: 100/250 images, about 18 s to go", out.getvalue())
+            self.assertEqual([len(c) for c in visualize.chunks(images, 100, "classifying the test sample")], [100, 100, 50])
+        self.assertIn("classifying the test sample: 100/250 images, about 18 s to go", out.getvalue())
 
     def test_plot_ticks_are_round_numbers(self):
         labels = lambda lo, hi: [f"{t:.3g}" for t in visualize.round_ticks(lo, hi)]

@@ -451,19 +451,25 @@ class Visualizer:
                   "label; wrong predictions are in red")
 
     @torch.no_grad()
-    def logits(self, images):
-        """(B, K) class scores of many images, 100 at a time, by the fused path. forward() keeps
-        every layer's attention maps, which for 500 images of 224 pixels in ViT-B/16 would be
-        (500, 12, 197, 197) floats, 0.93 GB, in each of its 12 layers."""
+    def summaries(self, images):
+        """(B, D) what the head classifies (the pooled token after the last LN, Eq. 4) for many
+        images, 100 at a time by the fused attention path. forward() keeps every layer's attention
+        maps, which for 500 images of 224 pixels in ViT-B/16 would be (500, 12, 197, 197) floats,
+        0.93 GB, in each of its 12 layers. The confusion matrix and the embeddings share one pass."""
         out = []
-        for chunk in chunks(images, 100, "confusion matrix"):
+        for chunk in chunks(images, 100, "classifying the test sample"):
             x = datasets.normalize(chunk.to(self.device), self.mean, self.std, self.cfg.input_size)
-            out.append(self.model(x).float().cpu())
+            t = self.model.embed(x)                                       # (B, N, D)
+            for block in self.model.blocks:
+                t, _ = block(t)
+            out.append(self.model.pool(t).float().cpu())                  # (B, D)
         return torch.cat(out)
 
-    def confusion(self, images, labels):
+    @torch.no_grad()
+    def confusion(self, summaries, labels):
         K = self.cfg.num_classes
-        preds = self.logits(images).argmax(1)                            # (B,)
+        m = self.model
+        preds = m.head(m.pre_logits(summaries.to(self.device))).argmax(1).cpu()   # (B,)
         cm = torch.zeros(K, K, dtype=torch.long)
         cm.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)   # [true, predicted]
         cell, left, top = max(12, min(44, 600 // K)), 110, 110
@@ -492,26 +498,21 @@ class Visualizer:
                   "a bright diagonal is a good model, bright cells off it are the classes it confuses")
 
     @torch.no_grad()
-    def cls_embeddings(self, images, labels):
-        feats = []
-        for chunk in chunks(images, 100, "embeddings"):    # 100 at a time, as in logits()
-            x = datasets.normalize(chunk.to(self.device), self.mean, self.std, self.cfg.input_size)
-            t = self.model.embed(x)
-            for block in self.model.blocks:
-                t, _ = block(t)
-            feats.append(self.model.pool(t).float().cpu())              # (B, D) after the last LN
-        f = torch.cat(feats)
-        f = f - f.mean(0)
-        _, _, V = torch.pca_lowrank(f, q=2, center=False)
-        xy = f @ V                                                       # (B, 2)
-        p = Plot(xy[:, 0].tolist(), xy[:, 1].tolist(), "class-token embeddings (PCA)", "PC 1", "PC 2",
+    def cls_embeddings(self, summaries, labels):
+        f = summaries - summaries.mean(0)                               # (B, D), centred
+        # The two main directions are the first two right singular vectors of the centred
+        # features: an exact SVD of a (2000, D) matrix takes a moment, and gives the same picture
+        # every time (torch.pca_lowrank is randomised).
+        _, _, Vh = torch.linalg.svd(f, full_matrices=False)              # Vh: (D, D)
+        xy = f @ Vh[:2].T                                                # (B, 2)
+        what = "class token" if self.has_cls else "mean token"
+        p = Plot(xy[:, 0].tolist(), xy[:, 1].tolist(), f"{what} embeddings (PCA)", "PC 1", "PC 2",
                  size=(560, 460))
         for k in range(self.cfg.num_classes):
             sel = labels == k
             name = self.classes[k] if k < len(self.classes) else str(k)
             p.points(xy[sel, 0].tolist(), xy[sel, 1].tolist(), PALETTE[k % len(PALETTE)],
                      name if k < 10 else None, r=2)
-        what = "class token" if self.has_cls else "mean token"
         self.save(p.finish(), "cls_embeddings.png", f"the final {what} of {len(f)} test images "
                   f"projected on its two main directions; classes the model separates form clusters")
 
@@ -664,13 +665,16 @@ def run(args):
     if not v.has_cls:
         print("this model pools the mean token and has no class token: attention pictures show the "
               "mean attention each patch receives instead")
+    summaries = None
     for name in only:
+        if name in ("predictions", "cls_embeddings") and data is not None and summaries is None:
+            summaries = v.summaries(data.test.images[sample])   # one pass for both pictures
         if name == "predictions":
             v.predictions()
             if data is not None:
-                v.confusion(data.test.images[sample], data.test.labels[sample])
+                v.confusion(summaries, data.test.labels[sample])
         elif name == "cls_embeddings":
-            v.cls_embeddings(data.test.images[sample], data.test.labels[sample])
+            v.cls_embeddings(summaries, data.test.labels[sample])
         elif name == "augmentation":
             v.augmentation(data.train.images)
         else:
