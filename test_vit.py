@@ -1305,6 +1305,19 @@ class TestRecipe(unittest.TestCase):
         self.assertEqual(code, 0, log)
         for words in ("training (loader + model)", "data loader alone", "model alone", "GFLOP/s", "% of"):
             self.assertIn(words, log)
+        # A finished run's settings can be benchmarked too (it used to say "nothing to do"),
+        # and its checkpoint stays as it was.
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "m.pt")
+            self.assertEqual(run_train("--dataset", "fake", "--batch-size", 50, "--dim", 32, "--depth", 2,
+                                       "--heads", 2, "--epochs", 1, "--out", out)[0], 0)
+            with open(out, "rb") as f:
+                before = f.read()
+            code, log = run_train("--resume", out, "--benchmark")
+            self.assertEqual(code, 0, log)
+            self.assertIn("model alone", log)
+            with open(out, "rb") as f:
+                self.assertEqual(f.read(), before)
 
     def test_tutorial_comparison_is_like_for_like(self):
         # README's speed ratios against a tutorial's ViT come from results/compare_tutorial.py: its

@@ -943,7 +943,7 @@ def run(args):
                                   f"another layout of the optimizer state") from None
         scaler.load_state_dict(resume["scaler"])
         step, history = resume["step"], resume["metrics"]
-        if step >= args.epochs * steps_per_epoch:
+        if step >= args.epochs * steps_per_epoch and not args.benchmark:   # (a benchmark saves nothing)
             say(f"{args.resume} has trained to the end of epoch {step // steps_per_epoch}, and --epochs "
                 f"is {args.epochs}: nothing to do. To train longer, resume with a larger --epochs (the "
                 f"learning rate then follows the longer run's schedule, so it rises again)")
