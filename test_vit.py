@@ -712,6 +712,21 @@ class TestReliability(unittest.TestCase):
             self.assertNotIn("Traceback", log)
             self.assertEqual(os.listdir(tmp), ["m.metrics.jsonl"])   # no half-written m.pt.tmp
 
+    def test_long_evaluation_shows_progress(self):
+        # In a log file (not a terminal) a line a minute: a fine-tuned ViT-B/16 evaluates for
+        # minutes on a CPU. Here each look at the clock is 61 s later.
+        model = vit.build_model("cifar_tiny", dim=32, heads=2, depth=1)
+        split = datasets.Split(torch.zeros(250, 3, 32, 32, dtype=torch.uint8), torch.zeros(250, dtype=torch.long))
+        ctx = dict(device=torch.device("cpu"), rank=0, world=1, input_size=(32, 32), prefix="epoch 2/5",
+                   mean=torch.zeros(3), std=torch.ones(3), autocast=contextlib.nullcontext)
+        clock = itertools.count(step=61)
+        with unittest.mock.patch.object(train.time, "time", lambda: next(clock)), \
+                contextlib.redirect_stdout(io.StringIO()) as out:
+            loss, acc = train.evaluate(model, split, ctx, batch_size=100)
+        self.assertIn("epoch 2/5 evaluating [1/3] acc 100.0% eta  122s", out.getvalue())   # all class 0
+        self.assertIn("epoch 2/5 evaluating [2/3]", out.getvalue())
+        self.assertAlmostEqual(loss, math.log(10), places=5)      # a zero head: every class 1/10
+
     def test_stop_request_handler(self):
         stop = train.StopRequest()
         with contextlib.redirect_stderr(io.StringIO()):
