@@ -232,14 +232,14 @@ def _decode_files(files, labels, image_size, where=""):
     try:
         read = functools.partial(_read_small, image_size=image_size, peek=photos)
         start = last = time.monotonic()
-        for i, (x, stored) in enumerate(pool.map(read, files) if photos else map(read, files)):
+        for i, x in enumerate(pool.map(read, files) if photos else map(read, files)):
             now = time.monotonic()
             if now - last > 10:
                 # CIFAR decodes in seconds, but a folder of large photos takes minutes: say how far.
                 last = now
                 left = (now - start) / i * (len(files) - i)
                 print(f"decoding {where}: {i}/{len(files)} images, about {left:.0f} s to go", flush=True)
-            shapes.add(stored)
+            shapes.add(tuple(x.shape))
             images.append(x)                           # (3, H, W) uint8, at most image_size a side
     finally:
         pool.shutdown(cancel_futures=True)             # after an error (a broken file): stop there
@@ -252,7 +252,7 @@ def _decode_files(files, labels, image_size, where=""):
 
 
 def _read_small(path, image_size, peek):
-    """One file -> ((3, H, W) uint8, its (H, W) as stored), shrunk to image_size a side if larger.
+    """One file -> (3, H, W) uint8, shrunk to image_size x image_size if either side is larger.
 
     Each image is shrunk as it is read, never kept at full size: a folder of photos held whole until
     the last one was read would not fit in memory (10,000 of 2000x1500 pixels: 90 GB). With `peek`
@@ -265,15 +265,14 @@ def _read_small(path, image_size, peek):
         from PIL import Image, UnidentifiedImageError
         try:
             with Image.open(path) as im:             # the header only: the size, not the pixels
-                stored = im.size[::-1]                 # (H, W)
+                large = max(im.size) > image_size
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"{path} is not an image PIL can read ({e})") from None
-        return read_image(path, image_size if max(stored) > image_size else None), stored
+        return read_image(path, image_size if large else None)
     x = read_image(path)                               # (3, H, W) uint8
-    stored = tuple(x.shape[-2:])
-    if max(stored) > image_size:
+    if max(x.shape[-2:]) > image_size:
         x = v2.functional.resize(x, [image_size, image_size], antialias=True)
-    return x, stored
+    return x
 
 
 def read_image(path, size=None):
