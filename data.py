@@ -289,6 +289,10 @@ def read_image(path, size=None):
     (measured: 56-103 against 187-206 us per CIFAR image). Everything else, and any JPEG that decoder refuses, goes
     through PIL, which converts every mode it knows (grayscale, palette, RGBA, CMYK) to RGB; 16-bit
     grayscale is scaled down to 8 bits first, since PIL's own conversion would clip it to white.
+
+    Both turn a photo upright as its EXIF orientation says: a phone stores a portrait photo lying on
+    its side with a note to rotate it, which every image viewer follows, so the model sees the
+    photo as its owner does.
     """
     if size is None and path.lower().endswith((".jpg", ".jpeg")):
         # torchvision 0.29 deprecates its decoder in favour of TorchCodec, another dependency, and
@@ -297,14 +301,16 @@ def read_image(path, size=None):
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
                 from torchvision.io import ImageReadMode, decode_jpeg, read_file
-                return decode_jpeg(read_file(path), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+                return decode_jpeg(read_file(path), mode=ImageReadMode.RGB,
+                                   apply_exif_orientation=True)               # (3, H, W) uint8
             except (ImportError, RuntimeError):
                 pass                              # PIL reads it, or says why it can't
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
     try:
         with Image.open(path) as im:
             if size is not None:
                 im.draft("RGB", (size, size))         # JPEGs only; other formats ignore it
+            im = ImageOps.exif_transpose(im)          # upright (an image without EXIF: as it is)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 im = im.point(lambda v: v / 256).convert("L")
             im = im.convert("RGB")

@@ -237,6 +237,26 @@ class TestData(unittest.TestCase):
         self.assertEqual([round((v - 20) / 80) for v in red.tolist()], [0, 1, 2])
         self.assertIn("decoding photos/train: 1/3 images, about 24 s to go", out.getvalue())
 
+    def test_photos_are_read_upright_as_their_exif_says(self):
+        # A phone stores a portrait photo on its side, with EXIF orientation 6: "turn it 90 degrees
+        # clockwise to view". Stored here 60 wide and 40 high, left half red: upright it is 40 wide
+        # and 60 high with the red half on top, whichever decoder reads it and at any size.
+        with tempfile.TemporaryDirectory() as tmp:
+            im = Image.new("RGB", (60, 40), (0, 0, 200))
+            im.paste((200, 0, 0), (0, 0, 30, 40))
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            for ext in ("jpg", "png"):
+                path = f"{tmp}/side.{ext}"
+                im.save(path, exif=exif)
+                for size, shape in ((None, (3, 60, 40)), (20, (3, 20, 20))):
+                    with self.subTest(ext=ext, size=size):
+                        x = datasets.read_image(path, size)
+                        self.assertEqual(tuple(x.shape), shape)
+                        h = x.shape[1]
+                        self.assertGreater(x[0, :h // 2 - 2].float().mean(), 150)    # red on top
+                        self.assertLess(x[0, h // 2 + 2:].float().mean(), 50)       # blue below
+
     def test_image_folder_cache(self):
         with tempfile.TemporaryDirectory() as root:
             for split in ("train", "test"):
