@@ -195,8 +195,9 @@ def _read_folder(split_dir, classes, image_size, every_class=False):
                         f"files in one sub-folder per class: {', '.join(classes[:5])}...)")
     # Decoding 60,000 small JPEGs takes about 5 s on two CPU cores, every start. So the decoded tensor is
     # kept next to the images, and reused while every file's name, size and modification time (and
-    # the image size asked for) are what they were; any change decodes again.
-    fingerprint = hashlib.sha1(f"{image_size}".encode())
+    # the image size asked for, and the decoder's version) are what they were; any change decodes
+    # again. Version 2 turns photos upright (EXIF), so a cache of version 1 may hold them on their side.
+    fingerprint = hashlib.sha1(f"{image_size} decoder 2".encode())
     for n, f in zip(names, files):
         st = os.stat(f)
         fingerprint.update(f"\n{n} {st.st_size} {st.st_mtime_ns}".encode())
