@@ -1508,6 +1508,27 @@ class TestVisualize(unittest.TestCase):
             self.assertEqual([len(c) for c in visualize.chunks(images, 100, "classifying the test sample")], [100, 100, 50])
         self.assertIn("classifying the test sample: 100/250 images, about 18 s to go", out.getvalue())
 
+    def test_own_images_from_a_folder(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = self.short_run(tmp)
+            folder = os.path.join(tmp, "photos")
+            os.makedirs(folder)
+            for name in ("b.png", "a.jpg"):
+                Image.new("RGB", (40, 30), (120, 60, 0)).save(os.path.join(folder, name))
+            with open(os.path.join(folder, "notes.txt"), "w") as f:
+                f.write("not an image")
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", folder, "--only", "predictions"]), 0)
+            printed = [line.split(":")[0] for line in out.getvalue().splitlines() if "%" in line]
+            self.assertEqual(printed, [os.path.join(folder, "a.jpg"), os.path.join(folder, "b.png")])
+            for i in range(63):
+                Image.new("RGB", (8, 8)).save(os.path.join(folder, f"{i}.png"))
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", folder]), 2)
+            self.assertIn("65 images; give 1 to 64", err.getvalue())
+
     def test_plot_ticks_are_round_numbers(self):
         labels = lambda lo, hi: [f"{t:.3g}" for t in visualize.round_ticks(lo, hi)]
         self.assertEqual(labels(0.346, 0.822), ["0.4", "0.5", "0.6", "0.7", "0.8"])

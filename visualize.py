@@ -186,6 +186,18 @@ def chunks(images, size, what):
         yield images[s:s + size]
 
 
+def image_files(paths):
+    """--images as given, a folder standing for the images in it (sorted by name)."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += [os.path.join(p, f) for f in sorted(os.listdir(p))
+                      if f.lower().endswith(datasets.IMAGE_EXTENSIONS)]
+        else:
+            files.append(p)
+    return files
+
+
 def to_pil(t):
     return Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
@@ -568,9 +580,9 @@ class Visualizer:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Draw what a trained ViT does, from a checkpoint.")
     p.add_argument("--ckpt", default="model.pt", help="checkpoint written by train.py (default: model.pt)")
-    p.add_argument("--images", nargs="+", help="your own image files instead of test images (any "
-                   "format PIL reads; converted to RGB and resized to the model's input); the "
-                   "model's three likeliest classes for each are printed too")
+    p.add_argument("--images", nargs="+", help="your own image files or folders of them, up to 64, "
+                   "instead of test images (any format PIL reads; converted to RGB and resized to the "
+                   "model's input); the model's three likeliest classes for each are printed too")
     p.add_argument("--out", help="folder for the pictures (default: <ckpt name>_vis next to the checkpoint)")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(PICTURES)}")
     p.add_argument("--layer", type=int, default=0, help="a layer to show beside the last in "
@@ -613,6 +625,11 @@ def run(args):
     TILE = args.tile                    # the default size of every tile drawn below
     if not 0 <= args.discard_ratio < 1:
         raise ValueError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
+    if args.images:
+        given, args.images = args.images, image_files(args.images)
+        if not 1 <= len(args.images) <= 64:      # each image is a row, as with --num-images
+            raise ValueError(f"--images {' '.join(given)}: {len(args.images)} images; give 1 to 64 "
+                             f"(each is a row of the attention pictures)")
     ckpt = load_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model = model_from_checkpoint(ckpt).to(device).eval()
