@@ -193,7 +193,7 @@ def _read_folder(split_dir, classes, image_size, every_class=False):
     if not files:
         raise DataError(f"no images found in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         f"files in one sub-folder per class: {', '.join(classes[:5])}...)")
-    # Decoding 60,000 small JPEGs takes about 5 s on two CPU cores, every start. So the decoded tensor is
+    # Decoding 60,000 small JPEGs takes 5-8 s on two CPU cores, every start. So the decoded tensor is
     # kept next to the images, and reused while every file's name, size and modification time (and
     # the image size asked for, and the decoder's version) are what they were; any change decodes
     # again. Version 2 turns photos upright (EXIF), so a cache of version 1 may hold them on their side.
