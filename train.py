@@ -807,7 +807,8 @@ def main(argv=None):
         # (CUDA says "CUDA out of memory", MPS "MPS backend out of memory", the CPU "can't allocate
         # memory" or "not enough memory".)
         text = str(e)
-        if not isinstance(e, MemoryError) and not any(s in text for s in ("out of memory", "allocate memory", "not enough memory")):
+        signs = ("out of memory", "allocate memory", "not enough memory")
+        if not isinstance(e, MemoryError) and not any(s in text for s in signs):
             raise
         print(f"error: out of memory ({text.splitlines()[0][:240] if text else type(e).__name__}); "
               f"lower --batch-size, or keep it and split each step into parts with --grad-accum, e.g. "
