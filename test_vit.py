@@ -1503,9 +1503,10 @@ class TestVisualize(unittest.TestCase):
         torch.testing.assert_close(scores, v.forward(images)[0], rtol=1e-4, atol=1e-5)
         # A slow pass (a big model on a CPU) says how far it has got.
         clock = itertools.count(step=6)                  # each look at the clock 6 s later
-        with unittest.mock.patch.object(visualize.time, "monotonic", lambda: next(clock)), \
+        with unittest.mock.patch.object(datasets.time, "monotonic", lambda: next(clock)), \
                 contextlib.redirect_stdout(io.StringIO()) as out:
-            self.assertEqual([len(c) for c in visualize.chunks(images, 100, "classifying the test sample")], [100, 100, 50])
+            chunks = datasets.with_progress(images.split(100), "classifying the test sample", 250, size=100)
+            self.assertEqual([len(c) for c in chunks], [100, 100, 50])
         self.assertIn("classifying the test sample: 100/250 images, about 18 s to go", out.getvalue())
 
     def test_own_images_from_a_folder(self):

@@ -29,7 +29,6 @@ import math
 import os
 import signal
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -170,20 +169,6 @@ def image_tile(image, size=None):
 def size_of(shape, size):
     """Keep the aspect ratio of a (height, width) shape, with the width equal to `size`."""
     return max(1, round(size * shape[0] / shape[1])), size
-
-
-def chunks(images, size, what):
-    """images (B, ...) in chunks of `size`. Many images through a large model on a CPU take minutes
-    (2,000 through ViT-B/16: about 4.5 min on two cores, measured by forward passes of 20 images),
-    so a long pass says how far it has got every 10 s."""
-    start = last = time.monotonic()
-    for s in range(0, len(images), size):
-        now = time.monotonic()
-        if now - last > 10:
-            last = now
-            left = (now - start) / s * (len(images) - s)
-            print(f"{what}: {s}/{len(images)} images, about {left:.0f} s to go", flush=True)
-        yield images[s:s + size]
 
 
 def image_files(paths):
@@ -399,7 +384,8 @@ class Visualizer:
         # shown elsewhere, a head's distance depends on which images were drawn. In chunks, so that
         # a large model's maps (B, h, N, N) for every layer never have to fit in memory at once.
         sums = 0
-        for chunk in chunks(self.many, 32, "attention distances"):
+        for chunk in datasets.with_progress(self.many.split(32), "attention distances", len(self.many),
+                                            size=32):
             _, maps = self.forward(chunk)
             sums = sums + torch.stack([mean_attention_distance(a, self.cfg.grid, self.cfg.patch_size)
                                        for a in maps]) * len(chunk)             # (depth, h)
@@ -469,7 +455,8 @@ class Visualizer:
         maps, which for 500 images of 224 pixels in ViT-B/16 would be (500, 12, 197, 197) floats,
         0.93 GB, in each of its 12 layers. The confusion matrix and the embeddings share one pass."""
         out = []
-        for chunk in chunks(images, 100, "classifying the test sample"):
+        for chunk in datasets.with_progress(images.split(100), "classifying the test sample",
+                                            len(images), size=100):
             x = datasets.normalize(chunk.to(self.device), self.mean, self.std, self.cfg.input_size)
             t = self.model.embed(x)                                       # (B, N, D)
             for block in self.model.blocks:
