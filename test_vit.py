@@ -820,6 +820,34 @@ class TestReliability(unittest.TestCase):
                 self.assertEqual(read(os.path.basename(p)).decode(), f)
             self.assertIn(f"--resume {os.path.join(tmp, 'run_prev')} continues it", said[0])
 
+    @unittest.skipIf(os.name == "nt", "no flock on Windows, so no lock there")
+    def test_a_second_run_on_the_same_out_stops_and_touches_nothing(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "m.pt")
+            self.assertEqual(run_train(*self.SMALL, "--epochs", 1, "--out", out)[0], 0)
+            self.assertEqual(sorted(os.listdir(tmp)), ["m.best.pt", "m.metrics.jsonl", "m.pt"])
+
+            def files():
+                found = {}
+                for name in os.listdir(tmp):
+                    with open(os.path.join(tmp, name), "rb") as f:
+                        found[name] = f.read()
+                return found
+            before = files()
+            held = train.claim_out(out)          # as a run in another terminal holds it
+            try:
+                for extra in ((), ("--resume", out, "--epochs", 2)):
+                    code, log = run_train(*self.SMALL, "--epochs", 1, "--out", out, *extra)
+                    self.assertEqual(code, 1, log)
+                    self.assertIn(f"another run (process {os.getpid()}) is writing {out} now", log)
+            finally:
+                train.release_out(held)
+            self.assertEqual(files(), before)            # not renamed, not written, no lock file
+            # Once that run has ended, the next goes ahead, and leaves no lock file behind.
+            self.assertEqual(run_train(*self.SMALL, "--epochs", 1, "--out", out)[0], 0)
+            self.assertNotIn("m.pt.lock", os.listdir(tmp))
+            self.assertIn("m_prev.pt", os.listdir(tmp))
+
     def test_save_is_atomic(self):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "m.pt")

@@ -1022,22 +1022,6 @@ def run(args):
     if args.benchmark:
         return run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, args)
 
-    _, best_path, metrics_path = run_files(args.out)
-    if is_main:
-        try:
-            if not (resume and os.path.abspath(args.resume) == os.path.abspath(args.out)):
-                # A new run (or one resumed into another --out) starts its own checkpoint, best
-                # checkpoint and log. Those of an earlier run at this --out are kept once, as
-                # <name>_prev.*, so that a quick trial with the default --out can't wipe out the
-                # hours of training saved there.
-                keep_earlier_run(args.out, say)
-            # The log starts as the checkpoint's history (empty for a new run), so that it always
-            # matches the checkpoint, whichever one the run was resumed from.
-            with open(metrics_path, "w") as f:
-                f.writelines(json.dumps(h) + "\n" for h in history)
-        except OSError as e:
-            raise CheckpointError(f"could not write {e.filename} ({e.strerror}); choose another --out") from None
-
     def checkpoint():
         rng = dict(cpu=torch.get_rng_state())
         if device.type == "cuda":
@@ -1050,8 +1034,26 @@ def run(args):
                     args=dict(vars(args), dataset=dataset, data_dir=data_dir),
                     data=dict(dataset=dataset, classes=data.classes, mean=mean, std=std))
 
+    _, best_path, metrics_path = run_files(args.out)
+    # Only the first process writes files, and it holds a lock on them while it does (claim_out).
+    lock = claim_out(args.out) if is_main else None
     previous_handlers = ctx["stop"].install()
     try:
+        if is_main:
+            try:
+                if not (resume and os.path.abspath(args.resume) == os.path.abspath(args.out)):
+                    # A new run (or one resumed into another --out) starts its own checkpoint,
+                    # best checkpoint and log. Those of an earlier run at this --out are kept once,
+                    # as <name>_prev.*, so that a quick trial with the default --out can't wipe out
+                    # the hours of training saved there.
+                    keep_earlier_run(args.out, say)
+                # The log starts as the checkpoint's history (empty for a new run), so that it
+                # always matches the checkpoint, whichever one the run was resumed from.
+                with open(metrics_path, "w") as f:
+                    f.writelines(json.dumps(h) + "\n" for h in history)
+            except OSError as e:
+                raise CheckpointError(f"could not write {e.filename} ({e.strerror}); "
+                                      f"choose another --out") from None
         run_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
         best_acc = max((h["eval_acc"] for h in history), default=-1.0)
         best_epoch = max((h["epoch"] for h in history if h["eval_acc"] == best_acc), default=0)
@@ -1112,6 +1114,7 @@ def run(args):
                 break
     finally:
         StopRequest.restore(previous_handlers)
+        release_out(lock)
 
     if world > 1:
         say(check_same_weights(model, world))
@@ -1339,6 +1342,43 @@ def run_files(out):
     """The files of a run written to `out`: model.pt, model.best.pt and model.metrics.jsonl."""
     base = os.path.splitext(out)[0]
     return out, base + ".best.pt", base + ".metrics.jsonl"
+
+
+def claim_out(out):
+    """Lock `<out>.lock` while this run writes its files; if another run holds it, say so and stop.
+
+    Two runs given the same --out (a second terminal, the same command with another flag) would
+    otherwise rename each other's files to _prev, save over each other's checkpoint in turn and mix
+    their epochs in one log. The operating system lets go of the lock when the process ends, however
+    it ends, so a run that crashed or was killed leaves no stale lock behind (at most the
+    small file, with its process id, which the next run takes over).
+    """
+    lock = open(out + ".lock", "a+")
+    try:
+        import fcntl
+    except ImportError:                     # Windows has no flock: runs there go unguarded
+        return lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise CheckpointError(f"another run{f' (process {holder})' if holder else ''} is writing {out} "
+                              f"now; let it finish, or give this one another --out") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))            # for the message above, in the run that finds it held
+    lock.flush()
+    return lock
+
+
+def release_out(lock):
+    if lock is not None:
+        lock.close()
+        try:
+            os.remove(lock.name)
+        except OSError:
+            pass
 
 
 def keep_earlier_run(out, say):
