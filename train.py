@@ -790,10 +790,18 @@ def parse_args(argv=None):
     return args
 
 
+def flags_given(argv=None):
+    """The names of the flags on the command line. Comparing values with the defaults can't tell
+    `--epochs 10`, typed to shorten a resumed 30-epoch run, from no --epochs at all."""
+    parser, unset = get_parser(), object()       # every default made a marker that no flag parses to
+    parser.set_defaults(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {name for name, value in vars(parser.parse_args(argv)).items() if value is not unset}
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        return run(args)
+        return run(args, flags_given(argv))
     except (ValueError, DataError, CheckpointError) as e:
         # Mistakes the user can fix end with one sentence, not a traceback. Bad flags are usage
         # errors (exit 2); a problem found while running (data, checkpoints) exits 1.
@@ -825,7 +833,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def run(args):
+def run(args, given):
     if args.eval_only:
         return run_eval_only(args)
     rank, world, local_rank = setup_distributed()
@@ -837,7 +845,7 @@ def run(args):
 
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume:
-        args = resumed_args(args, resume, say)
+        args = resumed_args(args, resume, say, given)
     mode = "finetune" if args.pretrained else "scratch"
     for k, v in MODE_DEFAULTS[mode].items():      # flags left unset take the mode's default
         if getattr(args, k) is None:
@@ -1222,11 +1230,11 @@ def stopped_by(ctx, step, out, say):
     return 128 + getattr(signal, ctx["stop"].signal)      # the shell's convention for "killed by"
 
 
-def resumed_args(args, ckpt, say):
-    """The saved run's settings, with the flags given on this command line on top."""
+def resumed_args(args, ckpt, say, given):
+    """The saved run's settings, with the flags `given` on this command line on top."""
     saved = ckpt.get("args", {})
     defaults = vars(get_parser().parse_args([]))
-    given = {k: v for k, v in vars(args).items() if v != defaults.get(k)}
+    given = {k: getattr(args, k) for k in given}
     changed = {k: v for k, v in given.items() if k in saved and saved[k] != v
                and k not in ("resume", "out", "device", "workers")}
     if "batch_size" in changed:
