@@ -570,8 +570,15 @@ class TestTraining(unittest.TestCase):
                      # nan passes every `x < 0` check, and --mixup nan had silently meant no Mixup
                      (("--mixup", "nan"), 2, "--mixup must be a finite number, got nan"),
                      (("--lr", "inf"), 2, "--lr must be a finite number, got inf"),
-                     (("--patience", -1), 2, "can't be negative"),
-                     (("--workers", -1), 2, "can't be negative")]
+                     (("--patience", -1), 2, "--patience must be 0 or more (0 never stops early), got -1"),
+                     (("--workers", -1), 2, "--workers must be 0 or more"),
+                     (("--mixup", -1), 2, "--mixup must be 0 or more (0 turns it off), got -1.0"),
+                     # a negative --crop-padding was a traceback from torch.randint, one as large as
+                     # the image a crop that quietly clamped, and a negative --min-lr a schedule
+                     # that ended below zero, climbing the loss
+                     (("--crop-padding", -1), 2, "--crop-padding must be 0 or more"),
+                     (("--crop-padding", 32), 2, "--crop-padding 32 must be smaller than the image (32 pixels)"),
+                     (("--min-lr", -1e-3), 2, "--min-lr must be 0 or more, got -0.001")]
             for argv, want_code, words in cases:
                 with self.subTest(argv=argv):
                     code, out = run_train("--dataset", "fake", "--epochs", 1, *argv)

@@ -890,6 +890,9 @@ def run(args, given):
     else:
         model = ViT(vit.model_config(args.model, **shape, **regularisation))
     cfg = model.cfg
+    if args.crop_padding >= min(cfg.input_size):
+        raise ValueError(f"--crop-padding {args.crop_padding} must be smaller than the image "
+                         f"({cfg.image_size} pixels): the padding mirrors the image's own pixels")
     if args.low_res and not (cfg.patch_size <= args.low_res <= cfg.image_size and cfg.image_height == 0):
         raise ValueError(f"--low-res {args.low_res} must lie between the patch size ({cfg.patch_size}) "
                          f"and the image size ({cfg.image_size}), for square images")
@@ -1274,19 +1277,30 @@ def check_args(args, world):
     if args.grad_accum <= 0 or (args.batch_size // world) % args.grad_accum:
         raise ValueError(f"--grad-accum {args.grad_accum} must be positive and divide the batch of "
                          f"each process ({args.batch_size // world})")
-    if args.epochs <= 0:
-        raise ValueError(f"--epochs must be positive, got {args.epochs}")
-    if args.lr < 0 or args.weight_decay < 0 or args.warmup_epochs < 0 or args.grad_clip < 0:
-        raise ValueError("--lr, --weight-decay, --warmup-epochs and --grad-clip can't be negative")
-    if args.patience < 0 or (args.workers is not None and args.workers < 0):
-        raise ValueError("--patience and --workers can't be negative (--patience 0 never stops early, "
-                         "--workers 0 loads in the training process)")
-    if not 0 <= args.label_smoothing < 1:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if not 0 <= args.ema < 1 or args.repeat_aug < 1 or args.mixup < 0 or args.cutmix < 0 \
-            or not 0 <= args.random_erasing <= 1:
-        raise ValueError("--ema must be in [0, 1), --repeat-aug at least 1, --mixup and --cutmix not "
-                         "negative, --random-erasing a probability")
+    # Each number's range, so that a value outside it is named in one sentence, not found as a
+    # traceback deep inside (a negative --crop-padding) or as a quietly wrong run (a negative
+    # --min-lr ends the cosine below zero, where the optimizer climbs the loss instead).
+    ranges = {
+        "epochs": (args.epochs >= 1, "at least 1"),
+        "lr": (args.lr >= 0, "0 or more"),
+        "min_lr": (args.min_lr >= 0, "0 or more"),
+        "weight_decay": (args.weight_decay >= 0, "0 or more"),
+        "warmup_epochs": (args.warmup_epochs >= 0, "0 or more"),
+        "grad_clip": (args.grad_clip >= 0, "0 or more (0 turns clipping off)"),
+        "patience": (args.patience >= 0, "0 or more (0 never stops early)"),
+        "workers": (args.workers is None or args.workers >= 0,
+                    "0 or more (0 loads in the training process)"),
+        "crop_padding": (args.crop_padding >= 0, "0 or more (0 turns the random crop off)"),
+        "label_smoothing": (0 <= args.label_smoothing < 1, "in [0, 1)"),
+        "ema": (0 <= args.ema < 1, "in [0, 1) (0 turns it off)"),
+        "repeat_aug": (args.repeat_aug >= 1, "at least 1 (1 turns it off)"),
+        "mixup": (args.mixup >= 0, "0 or more (0 turns it off)"),
+        "cutmix": (args.cutmix >= 0, "0 or more (0 turns it off)"),
+        "random_erasing": (0 <= args.random_erasing <= 1, "a probability, in [0, 1]"),
+    }
+    for name, (ok, rule) in ranges.items():
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     if args.pretrained and not args.resume and (args.patch_init or args.attn_init):
         raise ValueError("--patch-init and --attn-init choose where training from scratch starts; "
                          "with --pretrained every weight starts from the pretrained model")
