@@ -565,7 +565,7 @@ class TestTraining(unittest.TestCase):
                      (("--dataset", "imagenet22k"), 1, "unknown dataset"),
                      (("--eval-only",), 2, "needs --ckpt"),
                      (("--eval-only", "--ckpt", os.path.join(tmp, "none.pt")), 1, "does not exist"),
-                     (("--eval-only", "--ckpt", junk), 1, "could not be read"),
+                     (("--eval-only", "--ckpt", junk), 1, "is not a checkpoint: torch.save writes a zip"),
                      (("--out", "/no/such/dir/m.pt"), 2, "does not exist"),
                      # nan passes every `x < 0` check, and --mixup nan had silently meant no Mixup
                      (("--mixup", "nan"), 2, "--mixup must be a finite number, got nan"),
@@ -913,7 +913,12 @@ class TestReliability(unittest.TestCase):
                 g.write(f.read()[:5000])
             foreign = os.path.join(tmp, "f.pt")
             torch.save({"weights": torch.zeros(3)}, foreign)
-            cases = [(("--eval-only", "--ckpt", truncated), 1, "could not be read"),
+            # An object that only a full unpickling can build: torch's refusal was a page of advice
+            # to load it with weights_only=False, which would run code from the file.
+            pickled = os.path.join(tmp, "p.pt")
+            torch.save({"config": {}, "model": {}, "args": train.parse_args([])}, pickled)
+            cases = [(("--eval-only", "--ckpt", truncated), 1, "t.pt is not a checkpoint: torch.save writes a zip"),
+                     (("--eval-only", "--ckpt", pickled), 1, "p.pt holds Python objects besides tensors"),
                      (("--eval-only", "--ckpt", foreign), 1, "not a checkpoint of this project"),
                      (("--resume", good, "--dim", 64), 1, "different model than asked for: --dim 64"),
                      (("--resume", good, "--epochs", 2, "--optimizer", "adamw"), 1,
@@ -1609,6 +1614,10 @@ class TestVisualize(unittest.TestCase):
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", not_image]), 1)
             self.assertIn("is not an image", err.getvalue())
+            err = io.StringIO()                  # (a missing file was called "not an image")
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", not_image + "x"]), 1)
+            self.assertIn(f"--images: {not_image}x does not exist", err.getvalue())
             # Flags out of range are usage errors, found before anything is drawn: the model has 2
             # layers, and a layer number past them used to wrap around to another layer.
             mine = ["--ckpt", ckpt, "--images", paths[0], "--only", "attention"]

@@ -27,9 +27,11 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -257,8 +259,16 @@ def save_checkpoint(ckpt, path):
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist (train one with python train.py)")
+    if not zipfile.is_zipfile(path):          # torch.save writes a zip archive
+        raise CheckpointError(f"{path} is not a checkpoint: torch.save writes a zip archive, and this "
+                              f"file is not one (a metrics log? a copy or download cut short?)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message here is a page of advice to load with weights_only=False
+        raise CheckpointError(f"{path} holds Python objects besides tensors and plain data, which "
+                              f"this project's checkpoints never do; it is not loaded, since loading "
+                              f"them would run code from the file") from None
     except Exception as e:
         raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint; it may be truncated "
                               f"or not a checkpoint at all ({type(e).__name__}: {str(e)[:200]})") from None

@@ -178,8 +178,10 @@ def image_files(paths):
         if os.path.isdir(p):
             files += [os.path.join(p, f) for f in sorted(os.listdir(p))
                       if f.lower().endswith(datasets.IMAGE_EXTENSIONS)]
-        else:
+        elif os.path.exists(p):
             files.append(p)
+        else:
+            raise DataError(f"--images: {p} does not exist")
     return files
 
 
