@@ -606,6 +606,14 @@ class Progress:
 # Stopping safely, and starting again part-way into an epoch
 
 
+def ignore_stop_signals(worker_id):
+    """In each loader process: leave Ctrl-C and SIGTERM to the training process. A terminal sends
+    Ctrl-C to every process of the command, loaders too, and a loader started after StopRequest was
+    installed would run its own copy of it; the training process stops the loaders itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StopRequest:
     """Signal handler for Ctrl-C (SIGINT) and SIGTERM (what schedulers and `kill` send).
 
@@ -994,6 +1002,7 @@ def run(args, given):
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size // world // args.grad_accum, sampler=sampler, drop_last=True,
         num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        worker_init_fn=ignore_stop_signals,
         # Its own generator (for worker seeds), so that starting an epoch draws nothing from the global
         # random stream that augmentation and dropout use: a resumed run then replays it exactly.
         generator=torch.Generator().manual_seed(args.seed))
