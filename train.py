@@ -797,6 +797,8 @@ def reduce_sum(t):
 
 
 # --------------------------------------------------------------------------------------------------
+# The run, top to bottom: the flags, the model and its starting point, the data, the optimizer
+# (or all of these from a checkpoint), then the loop over epochs that evaluates and saves
 
 
 def parse_args(argv=None):
