@@ -1416,6 +1416,7 @@ def claim_out(out):
 
 
 def release_out(lock):
+    """Let go of claim_out's lock, and remove its file."""
     if lock is not None:
         lock.close()
         try:
