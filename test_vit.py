@@ -832,14 +832,15 @@ class TestReliability(unittest.TestCase):
     def test_a_flag_given_on_resume_wins_even_at_its_default_value(self):
         # --epochs 10 and --patience 0 are the parser's defaults: typed on the command line, they
         # must still replace the saved 30 and 3 (they did not when "given" meant "not the default").
-        saved = vars(train.parse_args(["--epochs", "30", "--patience", "3", "--out", "a.pt"]))
-        for argv, expected in ((["--epochs", "10", "--patience", "0"], (10, 0, "a.pt")),
-                               (["--out", "model.pt"], (30, 3, "model.pt")),
-                               ([], (30, 3, "a.pt"))):
+        # And a run compiled on a machine that can compile goes on without on one that can't.
+        saved = vars(train.parse_args(["--epochs", "30", "--patience", "3", "--out", "a.pt", "--compile"]))
+        for argv, expected in ((["--epochs", "10", "--patience", "0"], (10, 0, "a.pt", True)),
+                               (["--out", "model.pt", "--no-compile"], (30, 3, "model.pt", False)),
+                               ([], (30, 3, "a.pt", True))):
             argv = ["--resume", "a.pt", *argv]
             args = train.resumed_args(train.parse_args(argv), {"args": saved}, lambda *a: None,
                                       train.flags_given(argv))
-            self.assertEqual((args.epochs, args.patience, args.out), expected, argv)
+            self.assertEqual((args.epochs, args.patience, args.out, args.compile), expected, argv)
 
     @unittest.skipIf(os.name == "nt", "no flock on Windows, so no lock there")
     def test_a_second_run_on_the_same_out_stops_and_touches_nothing(self):

@@ -206,9 +206,11 @@ def get_parser():
     a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="auto: bf16 autocast on GPUs that support it, fp16 with loss scaling on older ones, fp32 "
       "on CPU and MPS")
-    a("--compile", action="store_true", help="torch.compile the model: faster steps after up to a "
-      "minute of compiling (the used-by command ran 1.13x as fast on 2 CPU cores, the compile "
-      "included); on a CPU it needs a C++ compiler")
+    # --no-compile and --no-tta exist for --resume, whose saved settings would otherwise keep them
+    # on: a run compiled on a GPU server can then go on on a laptop without a C++ compiler.
+    a("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the "
+      "model: faster steps after up to a minute of compiling (the used-by command ran 1.13x as fast "
+      "on 2 CPU cores, the compile included); on a CPU it needs a C++ compiler (default: off)")
     a("--seed", type=int, default=0, help="random seed (default: 0)")
     a("--out", default="model.pt", help="checkpoint written every epoch (default: model.pt, or "
       "the --resume checkpoint); the metrics log goes next to it as <name>.metrics.jsonl. An "
@@ -222,8 +224,9 @@ def get_parser():
     a("--benchmark", action="store_true", help="measure speed instead of training: training "
       "images/s, the data loader and the model alone, and FLOP/s against the device's peak")
     a("--ckpt", help="checkpoint to evaluate with --eval-only")
-    a("--tta", action="store_true", help="evaluate each image and its mirror image and average their "
-      "class probabilities (test-time augmentation; twice the evaluation time; default: off)")
+    a("--tta", action=argparse.BooleanOptionalAction, default=False, help="evaluate each image and "
+      "its mirror image and average their class probabilities (test-time augmentation; twice the "
+      "evaluation time; default: off)")
     return p
 
 
@@ -1488,7 +1491,7 @@ def check_compile(device):
         reason = next((line for line in str(e).splitlines() if line.strip() and
                        not line.endswith("raised:")), type(e).__name__)
         raise ValueError(f"--compile: torch.compile does not work on this machine ({reason}); "
-                         f"train without --compile, or install what it needs (a C++ compiler such "
+                         f"train without --compile (--no-compile when resuming), or install what it needs (a C++ compiler such "
                          f"as g++ or clang for the CPU, Triton for a GPU)") from None
 
 
