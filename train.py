@@ -1046,7 +1046,10 @@ def run(args, given):
     say(f"device {device}, precision {amp_dtype or 'fp32'}, {world} process(es), global batch "
         f"{args.batch_size}{f' in {args.grad_accum} parts' if args.grad_accum > 1 else ''}, "
         f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {lr:.2e}, "
-        f"{workers} loader workers{', compiled' if args.compile else ''}")
+        f"{workers} loader workers")
+    if args.compile:   # nothing prints while it compiles: 20 s for cifar_tiny on 2 CPU cores
+        say("--compile: the model is compiled at the first training step and again at the first "
+            "evaluation, for seconds to minutes each (cached for later runs)")
     if args.low_res:
         sizes = [train_size_at(e, cfg.image_size, args.low_res, args.low_res_epochs, cfg.patch_size)
                  for e in range(args.epochs)]
