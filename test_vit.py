@@ -979,6 +979,20 @@ class TestReliability(unittest.TestCase):
                 torch.testing.assert_close(two["model"][k], v, atol=1e-5, rtol=1e-4)
             self.assertAlmostEqual(one["metrics"][0]["train_loss"], two["metrics"][0]["train_loss"], places=3)
             self.assertEqual(one["metrics"][0]["eval_acc"], two["metrics"][0]["eval_acc"])
+            # While another run holds --out, every process stops at once, the first with its
+            # sentence: the second used to train on alone, into a traceback from gloo.
+            held = train.claim_out(f"{tmp}/two.pt")
+            try:
+                again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", "train.py", *common, "--out", f"{tmp}/two.pt"],
+                                       cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
+            finally:
+                train.release_out(held)
+            log = again.stdout + again.stderr
+            self.assertNotEqual(again.returncode, 0, log)
+            self.assertEqual(log.count(f"error: another run (process {os.getpid()}) is writing"), 1, log)
+            self.assertNotIn("[rank1]: Traceback", log)
+            self.assertNotIn("epoch   1/1", again.stdout)
 
 
 class TestFineTuning(unittest.TestCase):

@@ -1073,25 +1073,21 @@ def run(args, given):
                     data=dict(dataset=dataset, classes=data.classes, mean=mean, std=std))
 
     _, best_path, metrics_path = run_files(args.out)
-    # Only the first process writes files, and it holds a lock on them while it does (claim_out).
-    lock = claim_out(args.out) if is_main else None
+    # Only the first process writes files. It claims --out and starts the log; the others hear
+    # whether it could, so that if it can't (another run is writing there, say), all stop here
+    # together instead of the others training on until their first exchange with it fails.
+    lock, problem = None, None
+    if is_main:
+        try:
+            lock = start_files(args.out, args.resume if resume else None, history, say)
+        except CheckpointError as e:
+            problem = e
+    if reduce_sum(torch.tensor(float(problem is not None), device=device)).item() > 0:
+        if problem is None:
+            return 1                           # the first process says why
+        raise problem
     previous_handlers = ctx["stop"].install()
     try:
-        if is_main:
-            try:
-                if not (resume and os.path.abspath(args.resume) == os.path.abspath(args.out)):
-                    # A new run (or one resumed into another --out) starts its own checkpoint,
-                    # best checkpoint and log. Those of an earlier run at this --out are kept once,
-                    # as <name>_prev.*, so that a quick trial with the default --out can't wipe out
-                    # the hours of training saved there.
-                    keep_earlier_run(args.out, say)
-                # The log starts as the checkpoint's history (empty for a new run), so that it
-                # always matches the checkpoint, whichever one the run was resumed from.
-                with open(metrics_path, "w") as f:
-                    f.writelines(json.dumps(h) + "\n" for h in history)
-            except OSError as e:
-                raise CheckpointError(f"could not write {e.filename} ({e.strerror}); "
-                                      f"choose another --out") from None
         run_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
         best_acc = max((h["eval_acc"] for h in history), default=-1.0)
         best_epoch = max((h["epoch"] for h in history if h["eval_acc"] == best_acc), default=0)
@@ -1429,6 +1425,26 @@ def release_out(lock):
             os.remove(lock.name)
         except OSError:
             pass
+
+
+def start_files(out, resumed_from, history, say):
+    """Claim `out` for this run (claim_out) and start its metrics log; returns the lock."""
+    lock = claim_out(out)
+    try:
+        if not (resumed_from and os.path.abspath(resumed_from) == os.path.abspath(out)):
+            # A new run (or one resumed into another --out) starts its own checkpoint, best
+            # checkpoint and log. Those of an earlier run at this --out are kept once, as
+            # <name>_prev.*, so that a quick trial with the default --out can't wipe out the hours
+            # of training saved there.
+            keep_earlier_run(out, say)
+        # The log starts as the checkpoint's history (empty for a new run), so that it always
+        # matches the checkpoint, whichever one the run was resumed from.
+        with open(run_files(out)[2], "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+    except OSError as e:
+        release_out(lock)
+        raise CheckpointError(f"could not write {e.filename} ({e.strerror}); choose another --out") from None
+    return lock
 
 
 def keep_earlier_run(out, say):
