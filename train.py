@@ -1079,7 +1079,7 @@ def run(args, given):
     lock, problem = None, None
     if is_main:
         try:
-            lock = start_files(args.out, args.resume if resume else None, history, say)
+            lock = start_files(args.out, args.resume, history, say)
         except CheckpointError as e:
             problem = e
     if reduce_sum(torch.tensor(float(problem is not None), device=device)).item() > 0:
