@@ -856,6 +856,61 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def build_model(args, resume):
+    """The model, and the normalisation its weights expect (None: the data's own).
+
+    On --resume the checkpoint's model; with --pretrained the pretrained weights; else a named shape
+    (--model) with any field overridden by a flag. The head is sized for the data's classes later,
+    once they are known.
+    """
+    shape = dict(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
+                 heads=args.heads, mlp_ratio=args.mlp_ratio, pool=args.pool, stem=args.stem)
+    regularisation = {k: v for k, v in dict(dropout=args.dropout, drop_path=args.drop_path).items()
+                      if v is not None}
+    if resume:
+        model = model_from_checkpoint(resume, raw=True)
+        differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(model.cfg, k)})"
+                  for k, v in {**shape, **regularisation}.items() if v is not None and v != getattr(model.cfg, k)]
+        if differ:
+            raise CheckpointError(f"{args.resume} holds a different model than asked for: "
+                                  f"{', '.join(differ)}; drop those flags to resume it")
+        return model, (resume["data"]["mean"], resume["data"]["std"])
+    if args.pretrained:
+        fixed = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None and k != "image_size"]
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} can't be changed when fine-tuning: the shape comes "
+                             f"with the pretrained weights (only --image-size can, by interpolating "
+                             f"the position embeddings)")
+        model, norm = load_pretrained(args.pretrained, args.weights, regularisation)
+        if args.image_size and args.image_size != model.cfg.image_size:
+            model.set_image_size(args.image_size)
+        return model, norm
+    return ViT(vit.model_config(args.model, **shape, **regularisation)), None
+
+
+def start_from_scratch(model, args, data):
+    """The optional starting points of a model trained from scratch (vit.py, end of the file), as
+    --pos-init, --patch-init and --attn-init say; those left unset get their defaults here, which the
+    checkpoint then records."""
+    cfg = model.cfg
+    if args.pos_init == "sincos":
+        model.pos_embed.data.copy_(vit.sincos_pos_embed(cfg.grid, cfg.dim, cfg.pool == "cls"))
+    if args.patch_init is None:
+        args.patch_init = "pca" if cfg.stem == "patch" else "random"
+    if args.patch_init == "pca":
+        # 5000 random training images are plenty for CIFAR's 48 numbers a patch. Larger images take
+        # fewer, about 200 MB of floats: 5000 at 224 pixels held 12 GB at the peak and took 25 s,
+        # 332 (still 65,000 patches for 768 numbers) 0.8 GB and 0.8 s.
+        count = min(5000, max(256, 50_000_000 // (3 * cfg.input_size[0] * cfg.input_size[1])))
+        pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))
+        sample = datasets.normalize(data.train.images[pick[:count]], data.mean, data.std, cfg.input_size)
+        vit.pca_patch_init(model, sample)
+    if args.attn_init is None:
+        args.attn_init = "mimetic"
+    if args.attn_init == "mimetic":
+        vit.mimetic_attention_init(model, generator=torch.Generator().manual_seed(args.seed))
+
+
 def run(args, given):
     if args.eval_only:
         return run_eval_only(args)
@@ -885,33 +940,8 @@ def run(args, given):
     if args.compile:
         check_compile(device)
 
-    # The model: a named shape with any field overridden by a flag; pretrained weights; or, on
-    # --resume, the checkpoint's. The head is sized for the data's classes once they are known.
-    shape = dict(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-                 heads=args.heads, mlp_ratio=args.mlp_ratio, pool=args.pool, stem=args.stem)
-    regularisation = {k: v for k, v in dict(dropout=args.dropout, drop_path=args.drop_path).items()
-                      if v is not None}
     torch.manual_seed(args.seed)           # the same initial weights in every process
-    norm = None                            # the pretrained weights' normalisation, if any
-    if resume:
-        model = model_from_checkpoint(resume, raw=True)
-        differ = [f"--{k.replace('_', '-')} {v} (checkpoint: {getattr(model.cfg, k)})"
-                  for k, v in {**shape, **regularisation}.items() if v is not None and v != getattr(model.cfg, k)]
-        if differ:
-            raise CheckpointError(f"{args.resume} holds a different model than asked for: "
-                                  f"{', '.join(differ)}; drop those flags to resume it")
-        norm = resume["data"]["mean"], resume["data"]["std"]
-    elif args.pretrained:
-        fixed = [f"--{k.replace('_', '-')}" for k, v in shape.items() if v is not None and k != "image_size"]
-        if fixed:
-            raise ValueError(f"{', '.join(fixed)} can't be changed when fine-tuning: the shape comes "
-                             f"with the pretrained weights (only --image-size can, by interpolating "
-                             f"the position embeddings)")
-        model, norm = load_pretrained(args.pretrained, args.weights, regularisation)
-        if args.image_size and args.image_size != model.cfg.image_size:
-            model.set_image_size(args.image_size)
-    else:
-        model = ViT(vit.model_config(args.model, **shape, **regularisation))
+    model, norm = build_model(args, resume)
     cfg = model.cfg
     if args.crop_padding >= min(cfg.input_size):
         raise ValueError(f"--crop-padding {args.crop_padding} must be smaller than the image "
@@ -921,6 +951,7 @@ def run(args, given):
                          f"and the image size ({cfg.image_size}), for square images")
 
     data = datasets.load_data(dataset, data_dir, cfg.image_size, args.val_split, args.seed)
+    # The head, now that the data's classes are known: checked on --resume, a new one otherwise.
     if resume:
         check_classes(args.resume, resume, cfg.num_classes, data, data_dir)
     elif cfg.num_classes != len(data.classes) or args.pretrained:
@@ -929,23 +960,8 @@ def run(args, given):
         else:
             cfg.num_classes = len(data.classes)
             model = ViT(cfg)
-    if not resume and not args.pretrained:   # optional starting points (vit.py, end of the file)
-        if args.pos_init == "sincos":
-            model.pos_embed.data.copy_(vit.sincos_pos_embed(cfg.grid, cfg.dim, cfg.pool == "cls"))
-        if args.patch_init is None:
-            args.patch_init = "pca" if cfg.stem == "patch" else "random"
-        if args.patch_init == "pca":
-            # 5000 random training images are plenty for CIFAR's 48 numbers a patch. Larger images
-            # take fewer, about 200 MB of floats: 5000 at 224 pixels held 12 GB at the peak and
-            # took 25 s, 332 (still 65,000 patches for 768 numbers) 0.8 GB and 0.8 s.
-            count = min(5000, max(256, 50_000_000 // (3 * cfg.input_size[0] * cfg.input_size[1])))
-            pick = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))
-            sample = datasets.normalize(data.train.images[pick[:count]], data.mean, data.std, cfg.input_size)
-            vit.pca_patch_init(model, sample)
-        if args.attn_init is None:
-            args.attn_init = "mimetic"
-        if args.attn_init == "mimetic":
-            vit.mimetic_attention_init(model, generator=torch.Generator().manual_seed(args.seed))
+    if not resume and not args.pretrained:
+        start_from_scratch(model, args, data)
     if args.head_only:                       # a linear probe: only the new head learns
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
