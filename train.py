@@ -1421,7 +1421,9 @@ def claim_out(out):
         return lock
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if not isinstance(e, BlockingIOError):  # a file system without locks (some network ones):
+            return lock                         # unguarded, rather than refused for no reason
         lock.seek(0)
         holder = lock.read().strip()
         lock.close()
