@@ -1646,7 +1646,7 @@ class TestVisualize(unittest.TestCase):
             mine = ["--ckpt", ckpt, "--images", paths[0], "--only", "attention"]
             for flags, words in [(("--layer", "3"), "--layer 3: the model has 2 layers"),
                                  (("--layer", "-3"), "--layer -3: the model has 2 layers"),
-                                 (("--num-images", "65"), "--num-images from 1 to 64"),
+                                 (("--num-images", "65"), "--num-images must be from 1 to 64, got 65"),
                                  (("--out", os.path.join(paths[0], "sub")), "can't make that folder")]:
                 err = io.StringIO()
                 with self.subTest(flags=flags), contextlib.redirect_stderr(err), \

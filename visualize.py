@@ -608,8 +608,9 @@ def run(args):
         raise ValueError(f"--only: unknown picture {', '.join(unknown)}; choose from {', '.join(PICTURES)}")
     # Each image is a row of attention.png and rollout.png: 64 rows of 96-pixel tiles is already a
     # picture 6,000 pixels high, and --num-images 10000 once drew one of 437 million pixels.
-    if not 16 <= args.tile <= 512 or not 1 <= args.num_images <= 64:
-        raise ValueError("--tile must be from 16 to 512 and --num-images from 1 to 64")
+    for flag, value, low, high in (("--tile", args.tile, 16, 512), ("--num-images", args.num_images, 1, 64)):
+        if not low <= value <= high:
+            raise ValueError(f"{flag} must be from {low} to {high}, got {value}")
     global TILE
     TILE = args.tile                    # the default size of every tile drawn below
     if not 0 <= args.discard_ratio < 1:
