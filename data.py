@@ -53,6 +53,12 @@ CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
+def is_image_name(name):
+    """An image file by its name. Hidden files are not: macOS leaves a "._0001.jpg" of metadata
+    beside each image it copies to a USB stick or a network drive, which no decoder can read."""
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 class DataError(RuntimeError):
     """A problem with the data that the user can fix; train.py prints it as one sentence."""
 
@@ -180,7 +186,7 @@ def _read_folder(split_dir, classes, image_size, every_class=False):
     names, labels = [], []                            # names relative to split_dir: "cat/0001.jpg"
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
-        found = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS)) \
+        found = sorted(f for f in os.listdir(class_dir) if is_image_name(f)) \
             if os.path.isdir(class_dir) else []
         if every_class and not found:
             # The head would get an output for a class it never sees, and the test set could

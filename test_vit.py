@@ -195,6 +195,8 @@ class TestData(unittest.TestCase):
             Image.new("L", (16, 16), 90).save(f"{root}/train/dog/gray.png")   # other mode and size
             os.makedirs(f"{root}/train/.ipynb_checkpoints")      # hidden folders are no classes
             os.makedirs(f"{root}/test/.ipynb_checkpoints")
+            with open(f"{root}/train/cat/._0.jpg", "wb") as f:   # macOS metadata beside an image
+                f.write(b"\x00\x05\x16\x07 not a JPEG")
             d = datasets.load_data("folder", root, image_size=16)
             self.assertEqual(d.classes, ["cat", "dog"])
             self.assertEqual(d.train.images.shape, (7, 3, 16, 16))

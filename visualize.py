@@ -177,7 +177,7 @@ def image_files(paths):
     for p in paths:
         if os.path.isdir(p):
             files += [os.path.join(p, f) for f in sorted(os.listdir(p))
-                      if f.lower().endswith(datasets.IMAGE_EXTENSIONS)]
+                      if datasets.is_image_name(f)]
         elif os.path.exists(p):
             files.append(p)
         else:
