@@ -935,6 +935,11 @@ class TestReliability(unittest.TestCase):
                      (("--resume", good, "--epochs", 2, "--optimizer", "adamw"), 1,
                       "does not fit --optimizer adamw"),
                      (("--resume", good, "--epochs", 2, "--batch-size", 25), 2, "a resumed run keeps it"),
+                     # these were reported as changed and then changed nothing, or broke the optimizer
+                     (("--resume", good, "--epochs", 2, "--model", "cifar_small"), 2,
+                      "--model: how " + good + " started can't change on resume; drop it"),
+                     (("--resume", good, "--epochs", 2, "--pos-init", "random", "--head-only"), 2,
+                      "--head-only, --pos-init: how"),
                      (("--resume", good, "--epochs", 2, "--val-split", 0.5), 1,
                       "comes from a run on 1000 training images, and these data have 500"),
                      (("--dim", -4), 2, "dim must be positive"),

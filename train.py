@@ -216,8 +216,8 @@ def get_parser():
       "the --resume checkpoint); the metrics log goes next to it as <name>.metrics.jsonl. An "
       "earlier run's files there are kept once, as <name>_prev.*")
     a("--resume", metavar="CKPT", help="continue the run saved in this checkpoint, with its settings "
-      "(flags you give override them; the model's shape, the batch size and the training images "
-      "can't change)")
+      "(flags you give override them; the model, the batch size, the training images and how the "
+      "run started can't change)")
     a("--patience", type=int, default=0, help="stop when the evaluation accuracy has not improved for "
       "this many epochs; 0 never stops early (default: 0)")
     a("--eval-only", action="store_true", help="evaluate --ckpt on the test set and exit")
@@ -1279,6 +1279,14 @@ def resumed_args(args, ckpt, say, given):
     given = {k: getattr(args, k) for k in given}
     changed = {k: v for k, v in given.items() if k in saved and saved[k] != v
                and k not in ("resume", "out", "device", "workers")}
+    # How a run started can't change once it has: these would be recorded, but change nothing
+    # (the model and its weights come from the checkpoint), or break the optimizer's state.
+    started = [f"--{k.replace('_', '-')}" for k in ("model", "pretrained", "weights", "head_only",
+                                                    "pos_init", "patch_init", "attn_init") if k in changed]
+    if started:
+        raise ValueError(f"{', '.join(started)}: how {args.resume} started can't change on resume; drop "
+                         f"{'it' if len(started) == 1 else 'them'}, or start a new run from its weights "
+                         f"with --pretrained {args.resume}")
     if "batch_size" in changed:
         raise ValueError(f"--batch-size {args.batch_size}: {args.resume} was trained with batch "
                          f"{saved['batch_size']}, and a resumed run keeps it (where it stopped and its "
