@@ -1281,7 +1281,7 @@ def resumed_args(args, ckpt, say, given):
                and k not in ("resume", "out", "device", "workers")}
     # How a run started can't change once it has: these would be recorded, but change nothing
     # (the model and its weights come from the checkpoint), or break the optimizer's state.
-    started = [f"--{k.replace('_', '-')}" for k in ("model", "pretrained", "weights", "head_only",
+    started = [f"--{k.replace('_', '-')}" for k in ("preset", "model", "pretrained", "weights", "head_only",
                                                     "pos_init", "patch_init", "attn_init") if k in changed]
     if started:
         raise ValueError(f"{', '.join(started)}: how {args.resume} started can't change on resume; drop "
@@ -1536,8 +1536,8 @@ def check_compile(device):
         reason = next((line for line in str(e).splitlines() if line.strip() and
                        not line.endswith("raised:")), type(e).__name__)
         raise ValueError(f"--compile: torch.compile does not work on this machine ({reason}); "
-                         f"train without --compile (--no-compile when resuming), or install what it needs (a C++ compiler such "
-                         f"as g++ or clang for the CPU, Triton for a GPU)") from None
+                         f"train without --compile (--no-compile when resuming), or install what it "
+                         f"needs (a C++ compiler such as g++ or clang for the CPU, Triton for a GPU)") from None
 
 
 def format_time(seconds):
