@@ -507,9 +507,10 @@ class TestTraining(unittest.TestCase):
             last = log.strip().splitlines()[-1]
             self.assertIn("test accuracy", last)
             self.assertIn(f"{100 * lines[-1]['eval_acc']:.2f}%", last)   # the same model, read back
-            code, log = run_train("--eval-only", "--ckpt", out, "--tta")
+            code, log = run_train("--eval-only", "--ckpt", out, "--tta", "--epochs", 3, "--lr", 1)
             self.assertEqual(code, 0, log)
             self.assertIn("each with its mirror image (--tta)", log)
+            self.assertIn("--eval-only ignores --epochs, --lr (training flags)", log)   # not silently
             # --tta in a training run evaluates every epoch that way; its log must say so, or its
             # accuracy would be read as the plain one.
             tta_out = os.path.join(tmp, "tta.pt")

@@ -913,7 +913,7 @@ def start_from_scratch(model, args, data):
 
 def run(args, given):
     if args.eval_only:
-        return run_eval_only(args)
+        return run_eval_only(args, given)
     rank, world, local_rank = setup_distributed()
     device = pick_device(args.device, local_rank)
     if world > 1:
@@ -1361,9 +1361,15 @@ def check_args(args, world):
         raise ValueError("--head-only trains only the head of a pretrained model: add --pretrained")
 
 
-def run_eval_only(args):
+def run_eval_only(args, given):
     if not args.ckpt:
         raise ValueError("--eval-only needs --ckpt PATH, the checkpoint to evaluate")
+    # Training flags given with --eval-only change nothing; saying so beats leaving it unsaid.
+    ignored = sorted(given - {"eval_only", "ckpt", "device", "image_size", "dataset", "data_dir",
+                              "precision", "tta"})
+    if ignored:
+        print(f"--eval-only ignores {', '.join('--' + k.replace('_', '-') for k in ignored)} "
+              f"(training flags)")
     ckpt = load_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model = model_from_checkpoint(ckpt)
