@@ -950,6 +950,9 @@ class TestReliability(unittest.TestCase):
                      (("--batch-size", -3), 2, "--batch-size -3 must be positive"),   # not sqrt(-3)
                      (("--out", tmp), 2, "is a folder; give a file name"),
                      (("--pretrained", good, "--attn-init", "mimetic"), 2, "with --pretrained every weight"),
+                     # both were ignored without a word
+                     (("--pretrained", good, "--model", "cifar_small"), 2, "both name the model; drop --model"),
+                     (("--pretrained", good, "--weights", "IMAGENET1K_V1"), 2, "is a checkpoint of ours; drop --weights"),
                      (("--val-split", 1.5), 1, "--val-split is a fraction"),
                      (("--flip", "alternate", "--repeat-aug", 3), 2, "use --flip random with --repeat-aug")]
             for argv, want_code, words in cases:

@@ -940,6 +940,12 @@ def run(args, given):
     if args.compile:
         check_compile(device)
 
+    if args.pretrained and not resume and "model" in given:
+        raise ValueError(f"--model {args.model} and --pretrained {args.pretrained} both name the "
+                         f"model; drop --model (the pretrained weights come with their shape)")
+    if args.pretrained and not resume and "weights" in given and args.pretrained not in TORCHVISION_VITS:
+        raise ValueError(f"--weights picks one of torchvision's sets of weights, and --pretrained "
+                         f"{args.pretrained} is a checkpoint of ours; drop --weights")
     torch.manual_seed(args.seed)           # the same initial weights in every process
     model, norm = build_model(args, resume)
     cfg = model.cfg
@@ -1048,7 +1054,9 @@ def run(args, given):
                mixer=datasets.batch_mixer(cfg.num_classes, args.mixup, args.cutmix))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    origin = f"{args.pretrained} ({args.weights}), fine-tuned" if args.pretrained else args.model
+    origin = args.model if not args.pretrained else (
+        f"{args.pretrained} ({args.weights}), fine-tuned" if args.pretrained in TORCHVISION_VITS
+        else f"{args.pretrained}, fine-tuned")
     say(f"model {origin}: {num_params(model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
         f"{asdict(cfg)}")
     if not resume and not args.pretrained:
