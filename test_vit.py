@@ -950,7 +950,10 @@ class TestReliability(unittest.TestCase):
                      (("--batch-size", -3), 2, "--batch-size -3 must be positive"),   # not sqrt(-3)
                      (("--out", tmp), 2, "is a folder; give a file name"),
                      (("--pretrained", good, "--attn-init", "mimetic"), 2, "with --pretrained every weight"),
-                     # both were ignored without a word
+                     # these were ignored without a word
+                     (("--ckpt", good), 2, f"--ckpt names the checkpoint for --eval-only; to go on "
+                                           f"training it, use --resume {good}"),
+                     (("--weights", "IMAGENET1K_V1"), 2, "give --pretrained too"),
                      (("--pretrained", good, "--model", "cifar_small"), 2, "both name the model; drop --model"),
                      (("--pretrained", good, "--weights", "IMAGENET1K_V1"), 2, "is a checkpoint of ours; drop --weights"),
                      (("--val-split", 1.5), 1, "--val-split is a fraction"),

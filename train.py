@@ -940,6 +940,12 @@ def run(args, given):
     if args.compile:
         check_compile(device)
 
+    # Flags that mean something only beside another would otherwise be ignored without a word.
+    if "ckpt" in given:
+        raise ValueError(f"--ckpt names the checkpoint for --eval-only; to go on training it, use "
+                         f"--resume {args.ckpt}")
+    if "weights" in given and not args.pretrained:
+        raise ValueError("--weights picks the weights of a --pretrained model; give --pretrained too")
     if args.pretrained and not resume and "model" in given:
         raise ValueError(f"--model {args.model} and --pretrained {args.pretrained} both name the "
                          f"model; drop --model (the pretrained weights come with their shape)")
