@@ -1570,6 +1570,44 @@ class TestVisualize(unittest.TestCase):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--only", "predictions,cls_embeddings"]), 0)
             self.assertEqual(seen, {"confusion": set(range(10)), "embeddings": set(range(10))})
 
+    def test_pictures_of_many_classes_with_long_names(self):
+        # 60 classes (CIFAR-100 has 100): the embeddings used to repeat ten colours, so that classes
+        # 0, 10, 20... looked like one; names ran over the images beside them; and the confusion
+        # matrix, unlabelled past 40 classes, did not say which classes it confuses.
+        torch.manual_seed(0)
+        K = 60
+        model = vit.build_model("cifar_tiny", dim=32, heads=2, depth=1, num_classes=K).eval()
+        names = [f"a_rather_long_class_name_{k:02d}" for k in range(K)]
+        labels = torch.arange(200) % K
+        with tempfile.TemporaryDirectory() as tmp:
+            v = visualize.Visualizer(model, {}, torch.zeros(2, 3, 32, 32, dtype=torch.uint8), None,
+                                     names, (0.5,) * 3, (0.25,) * 3, tmp, None)
+            torch.nn.init.normal_(model.head.weight)
+            summaries = torch.randn(200, 32)
+            summaries[:10] = 10 * model.head.weight[7].detach()   # ten images of class 5 called 7
+            labels[:10] = 5
+            drawn, real_points = [], visualize.Plot.points
+
+            def points(plot, xs, ys, color, label=None, r=3):
+                drawn.append((len(xs), color, label))
+                return real_points(plot, xs, ys, color, label, r)
+            with unittest.mock.patch.object(visualize.Plot, "points", points), \
+                    contextlib.redirect_stdout(io.StringIO()) as out:
+                v.confusion(summaries, labels)
+                v.cls_embeddings(summaries, labels)
+            self.assertEqual(drawn[0], ((labels >= 10).sum().item(), (205, 205, 205), "50 other classes"))
+            self.assertEqual([c for _, c, _ in drawn[1:]], visualize.PALETTE)      # then ten colours
+            self.assertEqual([label for _, _, label in drawn[1:]], names[:10])
+            # the largest cells off the diagonal, named in full, true class first
+            self.assertIn(f"(most confused, true as predicted: {names[5]} as {names[7]} 1", out.getvalue())
+        draw = visualize.ImageDraw.Draw(visualize.Image.new("RGB", (1, 1)))
+        self.assertEqual(visualize.fit_text(draw, "cat", 100, visualize.font(12)), "cat")
+        cut = visualize.fit_text(draw, names[0] * 3, 100, visualize.font(12))
+        self.assertTrue(cut.endswith("…") and draw.textlength(cut, font=visualize.font(12)) <= 100, cut)
+        tile = torch.zeros(3, 8, 8)
+        picture = visualize.grid_picture([[tile]], [f"true: {names[0]}"])          # the label's width
+        self.assertGreater(picture.width, 150 + 8 + 4)
+
     def test_many_images_are_classified_without_attention_maps(self):
         # The confusion matrix and the embeddings take 2,000 images: one pass for both, by the
         # fused path, 100 at a time, giving the same scores as the explicit path that keeps every

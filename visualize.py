@@ -195,7 +195,11 @@ def grid_picture(rows, row_labels=None, col_labels=None, title=None, label_color
     tiles = [t for row in rows for t in row]
     g = to_pil(make_grid(torch.stack(tiles), nrow=ncol, padding=2, pad_value=1.0))
     th, tw = tiles[0].shape[1:]
-    left = 150 if row_labels else 0
+    # The label column as wide as its longest line, from 150 to 300 pixels; longer lines are cut.
+    lines = [line for text in row_labels or [] for line in text.split("\n")]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max((measure.textlength(line, font=font(12)) for line in lines), default=0)
+    left = min(300, max(150, int(widest) + 10)) if row_labels else 0
     top = (22 if title else 0) + (18 if col_labels else 0)
     canvas = Image.new("RGB", (g.width + left, g.height + top), "white")
     canvas.paste(g, (left, top))
@@ -207,8 +211,18 @@ def grid_picture(rows, row_labels=None, col_labels=None, title=None, label_color
     for i, text in enumerate(row_labels or []):
         color = (label_colors or {}).get(i, "black")
         for k, line in enumerate(text.split("\n")):
-            d.text((4, top + 4 + i * (th + 2) + 14 * k), line, fill=color, font=font(12))
+            d.text((4, top + 4 + i * (th + 2) + 14 * k), fit_text(d, line, left - 10, font(12)),
+                   fill=color, font=font(12))
     return canvas
+
+
+def fit_text(draw, text, width, f):
+    """`text`, cut short with an ellipsis where it is wider than `width` pixels in font `f`."""
+    if draw.textlength(text, font=f) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=f) > width:
+        text = text[:-1]
+    return text + "…"
 
 
 def round_ticks(lo, hi, count=5):
@@ -282,13 +296,17 @@ class Plot:
     def finish(self, legend_at="top"):
         """The image, with the legend in the top or bottom right corner (wherever the data is not)."""
         top = self.y0 + 3 if legend_at == "top" else self.y1 - 9 - 14 * len(self.legend)
+        # As wide as its longest label, up to 40% of the chart; a longer label is cut short.
+        text_w = min(int(0.4 * (self.x1 - self.x0)),
+                     max((int(self.d.textlength(label, font=font(11))) for label, _ in self.legend), default=0))
+        x = self.x1 - 22 - text_w                        # the legend's left edge
         if self.legend:
-            self.d.rectangle([self.x1 - 136, top, self.x1 - 4, top + 6 + 14 * len(self.legend)],
+            self.d.rectangle([x - 4, top, self.x1 - 4, top + 6 + 14 * len(self.legend)],
                              fill="white", outline=(200, 200, 200))
         for i, (label, color) in enumerate(self.legend):
             y = top + 3 + 14 * i
-            self.d.rectangle([self.x1 - 130, y + 2, self.x1 - 122, y + 10], fill=color)
-            self.d.text((self.x1 - 118, y), label, fill="black", font=font(11))
+            self.d.rectangle([x + 2, y + 2, x + 10, y + 10], fill=color)
+            self.d.text((x + 14, y), fit_text(self.d, label, text_w, font(11)), fill="black", font=font(11))
         return self.img
 
 
@@ -473,8 +491,10 @@ class Visualizer:
         preds = m.head(m.pre_logits(summaries.to(self.device))).argmax(1).cpu()   # (B,)
         cm = torch.zeros(K, K, dtype=torch.long)
         cm.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)   # [true, predicted]
-        cell, left, top = max(12, min(44, 600 // K)), 110, 110
-        img = Image.new("RGB", (left + K * cell + 10, top + K * cell + 30), "white")
+        labelled = K <= 40                   # room for a name beside each row and column
+        cell = max(12, min(44, 600 // K))
+        left = top = 110 if labelled else 10
+        img = Image.new("RGB", (left + K * cell + 10, top + K * cell + 46), "white")
         d = ImageDraw.Draw(img)
         frac = cm.float() / cm.sum(1, keepdim=True).clamp_min(1)
         for t in range(K):
@@ -485,8 +505,9 @@ class Visualizer:
                 if K <= 20:
                     d.text((box[0] + 3, box[1] + cell // 3), str(cm[t, p].item()),
                            fill="black" if frac[t, p] > 0.5 else "white", font=font(10))
-        names = [self.classes[k][:14] if k < len(self.classes) else str(k) for k in range(K)]
-        if K <= 40:
+        full = [self.classes[k] if k < len(self.classes) else str(k) for k in range(K)]
+        names = [n[:14] for n in full]
+        if labelled:
             for k, n in enumerate(names):
                 d.text((4, top + k * cell + cell // 3), n, fill="black", font=font(11))
                 txt = Image.new("RGB", (left - 8, 14), "white")
@@ -495,8 +516,16 @@ class Visualizer:
         acc = cm.diag().sum().item() / max(1, cm.sum().item())
         d.text((left, top + K * cell + 8), f"rows: true class, columns: predicted; {len(labels)} "
                f"images, accuracy {100 * acc:.1f}%", fill="black", font=font(11))
+        # The largest cells off the diagonal, in words: with many classes the only way to name them.
+        wrong = cm.clone().fill_diagonal_(0).flatten()                    # (K*K,)
+        counts, cells = wrong.topk(min(3, K * K))
+        worst = ", ".join(f"{full[c // K]} as {full[c % K]} {n}"
+                          for n, c in zip(counts.tolist(), cells.tolist()) if n > 0) or "none"
+        d.text((left, top + K * cell + 24), fit_text(d, f"most confused: {worst}", img.width - left - 4,
+                                                     font(11)), fill="black", font=font(11))
         self.save(img, "confusion.png", "confusion matrix: row = true class, column = prediction; "
-                  "a bright diagonal is a good model, bright cells off it are the classes it confuses")
+                  "a bright diagonal is a good model, bright cells off it are the classes it confuses "
+                  f"(most confused, true as predicted: {worst})")
 
     @torch.no_grad()
     def cls_embeddings(self, summaries, labels):
@@ -509,11 +538,17 @@ class Visualizer:
         what = "class token" if self.has_cls else "mean token"
         p = Plot(xy[:, 0].tolist(), xy[:, 1].tolist(), f"{what} embeddings (PCA)", "PC 1", "PC 2",
                  size=(560, 460))
-        for k in range(self.cfg.num_classes):
+        # Ten colours tell ten classes apart; with more, the first ten get them and the rest are
+        # drawn in grey, underneath, rather than in colours that repeat.
+        K = self.cfg.num_classes
+        if K > len(PALETTE):
+            rest = labels >= len(PALETTE)
+            p.points(xy[rest, 0].tolist(), xy[rest, 1].tolist(), (205, 205, 205),
+                     f"{K - len(PALETTE)} other classes", r=2)
+        for k in range(min(K, len(PALETTE))):
             sel = labels == k
             name = self.classes[k] if k < len(self.classes) else str(k)
-            p.points(xy[sel, 0].tolist(), xy[sel, 1].tolist(), PALETTE[k % len(PALETTE)],
-                     name if k < 10 else None, r=2)
+            p.points(xy[sel, 0].tolist(), xy[sel, 1].tolist(), PALETTE[k], name, r=2)
         self.save(p.finish(), "cls_embeddings.png", f"the final {what} of {len(f)} test images "
                   f"projected on its two main directions; classes the model separates form clusters")
 
