@@ -235,7 +235,7 @@ def with_progress(items, what, total, size=1):
     start = last = time.monotonic()
     for i, item in enumerate(items):
         now = time.monotonic()
-        if now - last > 10:
+        if i and now - last > 10:              # (i: the rate needs one item done)
             last, done = now, min(i * size, total)
             print(f"{what}: {done}/{total} images, about {(now - start) / done * (total - done):.0f} s "
                   f"to go", flush=True)

@@ -935,23 +935,11 @@ def run(args, given):
         args.flip = "random" if args.repeat_aug > 1 else "alternate"
     dataset = args.dataset or "cifar10"
     data_dir = args.data_dir or "./data"
-    check_args(args, world)
+    check_args(args, world, given)
     check_writable(args.out)
     if args.compile:
         check_compile(device)
 
-    # Flags that mean something only beside another would otherwise be ignored without a word.
-    if "ckpt" in given:
-        raise ValueError(f"--ckpt names the checkpoint for --eval-only; to go on training it, use "
-                         f"--resume {args.ckpt}")
-    if "weights" in given and not args.pretrained:
-        raise ValueError("--weights picks the weights of a --pretrained model; give --pretrained too")
-    if args.pretrained and not resume and "model" in given:
-        raise ValueError(f"--model {args.model} and --pretrained {args.pretrained} both name the "
-                         f"model; drop --model (the pretrained weights come with their shape)")
-    if args.pretrained and not resume and "weights" in given and args.pretrained not in TORCHVISION_VITS:
-        raise ValueError(f"--weights picks one of torchvision's sets of weights, and --pretrained "
-                         f"{args.pretrained} is a checkpoint of ours; drop --weights")
     torch.manual_seed(args.seed)           # the same initial weights in every process
     model, norm = build_model(args, resume)
     cfg = model.cfg
@@ -1060,9 +1048,10 @@ def run(args, given):
                mixer=datasets.batch_mixer(cfg.num_classes, args.mixup, args.cutmix))
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    origin = args.model if not args.pretrained else (
-        f"{args.pretrained} ({args.weights}), fine-tuned" if args.pretrained in TORCHVISION_VITS
-        else f"{args.pretrained}, fine-tuned")
+    origin = args.model
+    if args.pretrained:                      # torchvision's weights have a name; ours are the file
+        weights = f" ({args.weights})" if args.pretrained in TORCHVISION_VITS else ""
+        origin = f"{args.pretrained}{weights}, fine-tuned"
     say(f"model {origin}: {num_params(model) / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trained), "
         f"{asdict(cfg)}")
     if not resume and not args.pretrained:
@@ -1290,8 +1279,8 @@ def resumed_args(args, ckpt, say, given):
     """The saved run's settings, with the flags `given` on this command line on top."""
     saved = ckpt.get("args", {})
     defaults = vars(get_parser().parse_args([]))
-    given = {k: getattr(args, k) for k in given}
-    changed = {k: v for k, v in given.items() if k in saved and saved[k] != v
+    typed = {k: getattr(args, k) for k in given}
+    changed = {k: v for k, v in typed.items() if k in saved and saved[k] != v
                and k not in ("resume", "out", "device", "workers")}
     # How a run started can't change once it has: these would be recorded, but change nothing
     # (the model and its weights come from the checkpoint), or break the optimizer's state.
@@ -1309,8 +1298,8 @@ def resumed_args(args, ckpt, say, given):
         say("changed on resume: " + ", ".join(f"{k}={v} (was {saved[k]})" for k, v in changed.items()))
     if "no_flip" in saved:           # a checkpoint from before --flip: it flipped at random, or not
         saved = dict(saved, flip="none" if saved["no_flip"] else "random")
-    merged = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **given}
-    if "out" not in given:            # a resumed run goes on in the file it was resumed from
+    merged = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **typed}
+    if "out" not in typed:            # a resumed run goes on in the file it was resumed from
         merged["out"] = args.resume
     return argparse.Namespace(**merged)
 
@@ -1326,7 +1315,7 @@ def check_same_weights(model, world):
     return f"warning: weights differ between processes (by up to {(hi - lo).abs().max().item():.2e})"
 
 
-def check_args(args, world):
+def check_args(args, world, given):
     # argparse's float() accepts "nan" and "inf", which pass every comparison below unnoticed
     # (nan < 0 is False) and would quietly turn a flag off or fail deep inside.
     for name, value in vars(args).items():
@@ -1373,6 +1362,18 @@ def check_args(args, world):
                          "an image would all be mirrored alike; use --flip random with --repeat-aug")
     if args.head_only and not args.pretrained and not args.resume:
         raise ValueError("--head-only trains only the head of a pretrained model: add --pretrained")
+    # Flags that mean something only beside another would otherwise be ignored without a word.
+    if "ckpt" in given:
+        raise ValueError(f"--ckpt names the checkpoint for --eval-only; to go on training it, use "
+                         f"--resume {args.ckpt}")
+    if "weights" in given and not args.pretrained:
+        raise ValueError("--weights picks the weights of a --pretrained model; give --pretrained too")
+    if args.pretrained and not args.resume and "model" in given:
+        raise ValueError(f"--model {args.model} and --pretrained {args.pretrained} both name the "
+                         f"model; drop --model (the pretrained weights come with their shape)")
+    if args.pretrained and not args.resume and "weights" in given and args.pretrained not in TORCHVISION_VITS:
+        raise ValueError(f"--weights picks one of torchvision's sets of weights, and --pretrained "
+                         f"{args.pretrained} is a checkpoint of ours; drop --weights")
 
 
 def run_eval_only(args, given):
@@ -1557,7 +1558,8 @@ def check_compile(device):
                        not line.endswith("raised:")), type(e).__name__)
         raise ValueError(f"--compile: torch.compile does not work on this machine ({reason}); "
                          f"train without --compile (--no-compile when resuming), or install what it "
-                         f"needs (a C++ compiler such as g++ or clang for the CPU, Triton for a GPU)") from None
+                         f"needs (a C++ compiler such as g++ or clang for the CPU, Triton for a "
+                         f"GPU)") from None
 
 
 def format_time(seconds):

@@ -297,8 +297,8 @@ class Plot:
         """The image, with the legend in the top or bottom right corner (wherever the data is not)."""
         top = self.y0 + 3 if legend_at == "top" else self.y1 - 9 - 14 * len(self.legend)
         # As wide as its longest label, up to 40% of the chart; a longer label is cut short.
-        text_w = min(int(0.4 * (self.x1 - self.x0)),
-                     max((int(self.d.textlength(label, font=font(11))) for label, _ in self.legend), default=0))
+        widest = max((self.d.textlength(label, font=font(11)) for label, _ in self.legend), default=0)
+        text_w = min(int(0.4 * (self.x1 - self.x0)), int(widest))
         x = self.x1 - 22 - text_w                        # the legend's left edge
         if self.legend:
             self.d.rectangle([x - 4, top, self.x1 - 4, top + 6 + 14 * len(self.legend)],
