@@ -666,6 +666,31 @@ class TestReliability(unittest.TestCase):
             ckpt = train.load_checkpoint(out)
             self.assertGreaterEqual(ckpt["step"], 20)
 
+    @unittest.skipUnless(hasattr(signal, "SIGHUP"), "no SIGHUP on this system")
+    def test_closed_terminal_saves(self):
+        # An ssh connection drops, or the terminal window is closed: the process gets SIGHUP, and
+        # from then on every write to the terminal fails. A pseudo-terminal whose other end is
+        # closed behaves so.
+        import pty
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "m.pt")
+            argv = [sys.executable, "-u", "train.py", *map(str, self.SMALL), "--epochs", "100000",
+                    "--out", out]
+            terminal, tty = pty.openpty()
+            proc = subprocess.Popen(argv, cwd=HERE, stdout=tty, stderr=tty, start_new_session=True)
+            os.close(tty)
+            seen = b""
+            while b"epoch   1/" not in seen:     # wait until training is under way
+                seen += os.read(terminal, 4096)
+            # The kernel sends SIGHUP as the terminal hangs up; the run is left writing to a
+            # terminal that fails every write (the stop message, the line that it saved).
+            os.killpg(proc.pid, signal.SIGHUP)
+            os.close(terminal)
+            self.assertEqual(proc.wait(timeout=60), 128 + signal.SIGHUP)
+            ckpt = train.load_checkpoint(out)
+            self.assertGreaterEqual(ckpt["step"], 20)          # the epoch after the first, part-way
+            self.assertIn("partial_epoch", ckpt)
+
     def test_compile_without_its_tools_fails_at_once_in_one_sentence(self):
         # Stand in for a machine without a C++ compiler: compiled functions fail when first called,
         # as PyTorch's do there, with PyTorch's message.

@@ -609,16 +609,21 @@ class Progress:
 # Stopping safely, and starting again part-way into an epoch
 
 
+# Ctrl-C, what schedulers and `kill` send, and what a terminal sends as it closes (or an ssh
+# connection as it drops; Windows has no SIGHUP).
+STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+
+
 def ignore_stop_signals(worker_id):
-    """In each loader process: leave Ctrl-C and SIGTERM to the training process. A terminal sends
+    """In each loader process: leave the stop signals to the training process. A terminal sends
     Ctrl-C to every process of the command, loaders too, and a loader started after StopRequest was
     installed would run its own copy of it; the training process stops the loaders itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 class StopRequest:
-    """Signal handler for Ctrl-C (SIGINT) and SIGTERM (what schedulers and `kill` send).
+    """Signal handler for Ctrl-C (SIGINT), SIGTERM and SIGHUP.
 
     The first signal only sets a flag: the loop finishes the step it is in, saves a checkpoint and
     exits, so no work is lost. A second Ctrl-C raises KeyboardInterrupt and quits at once.
@@ -626,17 +631,26 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
+        # Which of stdout and stderr are a terminal, asked now: once it has hung up, it can't say.
+        self.terminal = [fd for fd in (1, 2) if os.isatty(fd)]
 
     def __call__(self, signum, frame):
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
+        if signum == getattr(signal, "SIGHUP", None):
+            # The terminal has gone: every write to it now fails (EIO), and the failure would stop
+            # the run before it saved. So its outputs are pointed at /dev/null, where a write that
+            # the signal interrupted is also retried; a log redirected to a file goes on.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in self.terminal:
+                os.dup2(devnull, fd)
         print(f"\n{self.signal}: finishing this step, then saving a checkpoint (Ctrl-C again quits at "
               f"once, losing the current epoch)", file=sys.stderr, flush=True)
 
     def install(self):
         """Returns the handlers it replaced, to put back with restore()."""
-        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return {s: signal.signal(s, self) for s in STOP_SIGNALS}
 
     @staticmethod
     def restore(previous):
