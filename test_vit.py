@@ -643,6 +643,40 @@ class TestReliability(unittest.TestCase):
             with open(a, "rb") as f:
                 self.assertEqual(f.read(), before)
 
+    def test_a_long_epoch_is_saved_part_way(self):
+        real = train.stop_requested
+
+        def crash_at_27(ctx, step):           # a crash part-way into epoch 2 (steps 21-40)
+            if step == 27:
+                raise RuntimeError("power cut")
+            return real(ctx, step)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            a, b, c = (os.path.join(tmp, f"{n}.pt") for n in "abc")
+            code, log = run_train(*self.SMALL, "--epochs", 2, "--out", a, "--drop-path", 0.1)
+            self.assertEqual(code, 0, log)
+            train.stop_requested = crash_at_27
+            try:
+                # --save-every's interval, here far below a step's time, saves after every step;
+                # at the default of 30 minutes only the end of epoch 1 was saved.
+                for out, every in ((b, 1e-6), (c, 30)):
+                    with self.assertRaisesRegex(RuntimeError, "power cut"):
+                        run_train(*self.SMALL, "--epochs", 2, "--out", out, "--drop-path", 0.1,
+                                  "--save-every", every)
+            finally:
+                train.stop_requested = real
+            self.assertEqual(torch.load(c, weights_only=True)["step"], 20)
+            ckpt = torch.load(b, weights_only=True)
+            self.assertEqual(ckpt["step"], 26)
+            self.assertIn("partial_epoch", ckpt)
+            code, log = run_train("--resume", b)
+            self.assertEqual(code, 0, log)
+            self.assertIn("at step 26 (epoch 2, batch 7 of 20)", log)
+            ckpt_a, ckpt_b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+            for k, v in ckpt_a["model"].items():      # as if it had never crashed
+                torch.testing.assert_close(ckpt_b["model"][k], v, rtol=0, atol=0)
+            self.assertEqual(ckpt_b["metrics"][-1]["train_loss"], ckpt_a["metrics"][-1]["train_loss"])
+
     def test_ctrl_c_in_a_real_process_saves_and_says_how_to_resume(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "m.pt")

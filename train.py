@@ -218,6 +218,10 @@ def get_parser():
     a("--resume", metavar="CKPT", help="continue the run saved in this checkpoint, with its settings "
       "(flags you give override them; the model, the batch size, the training images and how the "
       "run started can't change)")
+    a("--save-every", type=float, default=30, metavar="MINUTES", help="also save part-way into "
+      "an epoch that takes longer than this, so that a crash or a power cut loses minutes, not the "
+      "epoch (a fine-tune of ViT-B/16 on a CPU takes hours an epoch); 0 saves at the ends of "
+      "epochs only (default: 30)")
     a("--patience", type=int, default=0, help="stop when the evaluation accuracy has not improved for "
       "this many epochs; 0 never stops early (default: 0)")
     a("--eval-only", action="store_true", help="evaluate --ckpt on the test set and exit")
@@ -742,6 +746,9 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
                                       f"{(i + 1) * n * ctx['world'] / (time.time() - progress.start):5.0f} img/s")
         if stop_requested(ctx, step):
             break
+        if ctx["save_part"] and time.time() - ctx["saved_at"] >= ctx["save_every"]:
+            ctx["save_part"](step, sums)          # a long epoch, saved part-way (--save-every)
+            ctx["saved_at"] = time.time()
     progress.close()
     return step, sums, ctx["stop"].signal is not None
 
@@ -1056,6 +1063,7 @@ def run(args, given):
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
                grad_accum=args.grad_accum, prefix="", stop=StopRequest(), ema=ema, raw_model=model,
                crop_padding=args.crop_padding, flip=args.flip, epoch=0, tta=args.tta,
+               save_part=None, save_every=60 * args.save_every, saved_at=time.time(),
                # Which images epoch 0 mirrors under --flip alternate: a random half, drawn from the
                # seed alone, so every process and a resumed run agree on it.
                first_flip=torch.rand(len(train_set), generator=torch.Generator().manual_seed(args.seed)) < 0.5,
@@ -1093,7 +1101,7 @@ def run(args, given):
     if args.benchmark:
         return run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, args)
 
-    def checkpoint():
+    def checkpoint(step):
         rng = dict(cpu=torch.get_rng_state())
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -1105,6 +1113,13 @@ def run(args, given):
                     args=dict(vars(args), dataset=dataset, data_dir=data_dir),
                     data=dict(dataset=dataset, classes=data.classes, mean=mean, std=std))
 
+    def save_part(step, sums):
+        """Save part-way into an epoch, with this process's running sums of it, to resume from."""
+        if is_main:
+            save_checkpoint(dict(checkpoint(step), partial_epoch=sums.cpu()), args.out)
+
+    if args.save_every > 0:
+        ctx["save_part"] = save_part
     _, best_path, metrics_path = run_files(args.out)
     # Only the first process writes files. It claims --out and starts the log; the others hear
     # whether it could, so that if it can't (another run is writing there, say), all stop here
@@ -1138,8 +1153,7 @@ def run(args, given):
                                                   ctx, partial)
             partial = None
             if step < (epoch + 1) * steps_per_epoch:     # stopped part-way into the epoch
-                if is_main:
-                    save_checkpoint(dict(checkpoint(), partial_epoch=sums.cpu()), args.out)
+                save_part(step, sums)
                 return stopped_by(ctx, step, args.out, say)
             train_time = time.time() - t0
             totals = reduce_sum(sums.clone())            # (loss sum, correct, images) over processes
@@ -1162,7 +1176,7 @@ def run(args, given):
                 f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
                 f"{format_time(record['elapsed_s'])}")
             if is_main:
-                ckpt = checkpoint()
+                ckpt = checkpoint(step)
                 save_checkpoint(ckpt, args.out)
                 try:
                     with open(metrics_path, "a") as f:
@@ -1172,6 +1186,7 @@ def run(args, given):
                                           f"was saved and resumes the run") from None
                 if eval_acc > best_acc:    # the best model so far is kept apart from the last
                     save_checkpoint(ckpt, best_path)
+            ctx["saved_at"] = time.time()
             if stopped:                                  # the signal came with the epoch's last step
                 return stopped_by(ctx, step, args.out, say)
             if eval_acc > best_acc:
@@ -1352,6 +1367,7 @@ def check_args(args, world, given):
         "warmup_epochs": (args.warmup_epochs >= 0, "0 or more"),
         "grad_clip": (args.grad_clip >= 0, "0 or more (0 turns clipping off)"),
         "patience": (args.patience >= 0, "0 or more (0 never stops early)"),
+        "save_every": (args.save_every >= 0, "0 or more minutes (0 saves at the ends of epochs only)"),
         "workers": (args.workers is None or args.workers >= 0,
                     "0 or more (0 loads in the training process)"),
         "crop_padding": (args.crop_padding >= 0, "0 or more (0 turns the random crop off)"),
