@@ -80,6 +80,7 @@ class Data:
     classes: list
     mean: tuple
     std: tuple
+    test_from: str = ""    # where the test set came from, when it isn't a folder or file of its own
 
 
 def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fake_size=(1000, 200)):
@@ -89,11 +90,12 @@ def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fak
     model's input (`normalize`), so fine-tuning at 224x224 does not hold 50 times more bytes. Only an
     image folder whose images differ in size, or are larger than image_size, is resized here.
     """
+    test_from = ""
     if name in ("cifar10", "cifar100"):
         train, test, classes = _torchvision_cifar(name, data_dir)
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     elif name == "folder":
-        train, test, classes = _image_folder(data_dir, image_size)
+        train, test, classes, test_from = _image_folder(data_dir, image_size)
         mean, std = channel_stats(train.images)
     elif name == "fake":
         classes = [f"class{i}" for i in range(10)]
@@ -112,7 +114,7 @@ def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fak
         n_val = max(1, int(len(train) * val_split))
         val = Split(train.images[order[:n_val]], train.labels[order[:n_val]])
         train = Split(train.images[order[n_val:]], train.labels[order[n_val:]])
-    return Data(train, val, test, classes, tuple(mean), tuple(std))
+    return Data(train, val, test, classes, tuple(mean), tuple(std), test_from)
 
 
 def _torchvision_cifar(name, data_dir):
@@ -146,10 +148,13 @@ def _image_folder(root, image_size):
                         f"and test/ (or val/) folders with one sub-folder of images per class")
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(train_dir) and test_dir is None and not _folder_hint(root) and _has_class_folders(root):
+        return _split_class_folders(root, image_size)
     if not os.path.isdir(train_dir) or test_dir is None:
         found = ", ".join(sorted(os.listdir(root))[:8]) or "nothing"
-        raise DataError(f"{root} must hold train/ and test/ (or val/) folders, one sub-folder per "
-                        f"class inside each; found: {found}{_folder_hint(root)}")
+        raise DataError(f"{root} must hold train/ and test/ (or val/) folders with one sub-folder of "
+                        f"images per class inside each, or only the class folders (a tenth of each is "
+                        f"then held out to test on); found: {found}{_folder_hint(root)}")
     classes = _class_folders(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class sub-folders (expected {train_dir}/<class>/<image>)")
@@ -160,12 +165,43 @@ def _image_folder(root, image_size):
         raise DataError(f"{test_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}; "
                         f"the model can only learn the classes it trains on")
     train = _read_folder(train_dir, classes, image_size, every_class=True)
-    return train, _read_folder(test_dir, classes, image_size), classes
+    return train, _read_folder(test_dir, classes, image_size), classes, ""
+
+
+# The share of each class held out to test on, for a folder of class folders with no test/ of its own.
+TEST_SHARE = 0.1
+
+
+def _has_class_folders(root):
+    """Does root hold images in sub-folders of its own (root/<class>/<image>)?"""
+    return any(is_image_name(f) for c in _class_folders(root) for f in os.listdir(os.path.join(root, c)))
+
+
+def _split_class_folders(root, image_size):
+    """root/<class>/<image> without train/ and test/, as most photo collections come: a tenth of
+    each class, picked at random, becomes the test set. The pick is drawn from a fixed seed, so that
+    every run (any --seed), a resumed one, --eval-only and visualize.py test on the same images."""
+    classes = _class_folders(root)
+    everything = _read_folder(root, classes, image_size, every_class=True)
+    order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))
+    test = torch.zeros(len(everything), dtype=torch.bool)
+    for label in range(len(classes)):
+        mine = order[everything.labels[order] == label]          # this class's images, shuffled
+        test[mine[:int(len(mine) * TEST_SHARE)]] = True
+    if not test.any():
+        raise DataError(f"{root} has no train/ and test/ folders, and too few images to hold out "
+                        f"{TEST_SHARE:.0%} of a class to test on ({len(everything)} in {len(classes)} "
+                        f"classes); add images, or split them into train/<class>/ and test/<class>/")
+    pick = lambda keep: Split(everything.images[keep], everything.labels[keep])
+    return pick(~test), pick(test), classes, (f"{root} has no train/ and test/ folders: "
+                                             f"{TEST_SHARE:.0%} of each class held out to test on")
 
 
 def _class_folders(split_dir):
-    # Hidden folders are no classes: Jupyter leaves .ipynb_checkpoints in every folder it opens.
-    return sorted(d.name for d in os.scandir(split_dir) if d.is_dir() and not d.name.startswith("."))
+    # Hidden folders are no classes: Jupyter leaves .ipynb_checkpoints in every folder it opens. Nor
+    # is __MACOSX, the metadata that a zip made on a Mac unpacks into elsewhere.
+    return sorted(d.name for d in os.scandir(split_dir)
+                  if d.is_dir() and not d.name.startswith(".") and d.name != "__MACOSX")
 
 
 def _folder_hint(root):

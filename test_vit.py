@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,6 +205,31 @@ class TestData(unittest.TestCase):
             self.assertEqual(d.test.images.shape, (4, 3, 16, 16))
             self.assertGreater(d.train.images[0, 0].float().mean(), 150)       # red stays red
             self.assertEqual(len(d.mean), 3)
+
+    def test_class_folders_without_a_test_folder(self):
+        # Most photo collections come as <class>/<image>, with no train/ and test/: a tenth of
+        # each class is held out, the same images every time.
+        with tempfile.TemporaryDirectory() as root:
+            for label, (c, n) in enumerate((("ant", 20), ("bee", 30), ("cow", 9))):
+                os.makedirs(f"{root}/{c}")
+                for i in range(n):
+                    Image.new("RGB", (8, 8), (label * 100, i * 8, 0)).save(f"{root}/{c}/{i}.png")
+            os.makedirs(f"{root}/__MACOSX/ant")       # left by a zip made on a Mac: no class
+            d = datasets.load_data("folder", root, image_size=8)
+            self.assertEqual(d.classes, ["ant", "bee", "cow"])
+            self.assertEqual(d.test.labels.tolist(), [0, 0, 1, 1, 1])  # 2 of 20, 3 of 30, 0 of 9
+            self.assertEqual(len(d.train), 54)
+            self.assertIn("10% of each class held out to test on", d.test_from)
+            # no image in both sets, and the same split again (the cache's too), whatever --seed says
+            pixels = lambda s: {tuple(x[:, 0, 0].tolist()) for x in s.images}
+            self.assertFalse(pixels(d.train) & pixels(d.test))
+            again = datasets.load_data("folder", root, image_size=8, val_split=0.1, seed=5)
+            self.assertTrue(torch.equal(again.test.images, d.test.images))
+            self.assertEqual(len(again.train) + len(again.val), 54)
+            shutil.rmtree(f"{root}/bee")
+            shutil.rmtree(f"{root}/ant")
+            with self.assertRaisesRegex(datasets.DataError, "too few images to hold out 10% of a class"):
+                datasets.load_data("folder", root, image_size=8)
 
     def test_large_images_are_shrunk_as_they_are_read(self):
         # A folder of photos must never be held at full size: each is read small (a JPEG decoded
