@@ -145,7 +145,8 @@ def _torchvision_cifar(name, data_dir):
 def _image_folder(root, image_size):
     if not os.path.isdir(root):
         raise DataError(f"--data-dir {root} does not exist; for --dataset folder it must hold train/ "
-                        f"and test/ (or val/) folders with one sub-folder of images per class")
+                        f"and test/ (or val/) folders with one sub-folder of images per class, or only "
+                        f"the class folders")
     train_dir = os.path.join(root, "train")
     test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(train_dir) and test_dir is None and not _folder_hint(root) and _has_class_folders(root):
