@@ -518,6 +518,10 @@ class TestTraining(unittest.TestCase):
                                   "--depth", 2, "--heads", 2, "--pool", "cls", "--out", out, "--lr", "3e-3")
             self.assertEqual(code, 0, log)
             self.assertIn("epoch   2/2", log)
+            # the time left after each epoch but the last, and what to run next
+            self.assertRegex(log, r"epoch   1/2 .* 0:\d\d, 0:\d\d to go\n")
+            self.assertRegex(log, r"epoch   2/2 .* 0:\d\d\n")
+            self.assertIn(f"to draw what it learned: python visualize.py --ckpt {out}", log)
             ckpt = torch.load(out, weights_only=True)       # plain data: no code runs on load
             self.assertEqual(ckpt["epoch"], 2)
             self.assertEqual(ckpt["config"]["dim"], 32)

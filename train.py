@@ -1173,10 +1173,12 @@ def run(args, given):
                           epoch_s=round(time.time() - t0, 1), elapsed_s=round(time.time() - run_start, 1),
                           train_size=side)
             history.append(record)
+            left = "" if epoch + 1 == args.epochs else \
+                f", {format_time(record['epoch_s'] * (args.epochs - epoch - 1))} to go"   # at this epoch's pace
             say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc "
                 f"{100 * train_acc:5.2f}%  {eval_label} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
                 f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
-                f"{format_time(record['elapsed_s'])}")
+                f"{format_time(record['elapsed_s'])}{left}")
             if is_main:
                 ckpt = checkpoint(step)
                 save_checkpoint(ckpt, args.out)
@@ -1206,7 +1208,8 @@ def run(args, given):
         test_loss, test_acc = evaluate(eval_model, data.test, ctx)
         say(f"test loss {test_loss:.4f}  test accuracy {100 * test_acc:.2f}%")
     say(f"saved {args.out}, {best_path} (best {eval_name} accuracy {100 * best_acc:.2f}%, epoch "
-        f"{best_epoch}) and {metrics_path} ({format_time(time.time() - run_start)} in all)")
+        f"{best_epoch}) and {metrics_path} ({format_time(time.time() - run_start)} in all); to draw what it "
+        f"learned: python visualize.py --ckpt {args.out}")
     return 0
 
 
