@@ -850,11 +850,17 @@ class TestReliability(unittest.TestCase):
 
     def test_stop_request_handler(self):
         stop = train.StopRequest()
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
             stop(signal.SIGTERM, None)
             self.assertEqual(stop.signal, "SIGTERM")
             with self.assertRaises(KeyboardInterrupt):       # the second signal quits at once
                 stop(signal.SIGINT, None)
+        self.assertIn("SIGTERM: finishing this step", err.getvalue())
+        # Under torchrun a terminal's Ctrl-C reaches every process; only the first says so.
+        quiet = train.StopRequest(loud=False)
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            quiet(signal.SIGINT, None)
+        self.assertEqual((quiet.signal, err.getvalue()), ("SIGINT", ""))
 
     def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):
         with tempfile.TemporaryDirectory() as tmp:

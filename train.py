@@ -633,8 +633,8 @@ class StopRequest:
     exits, so no work is lost. A second Ctrl-C raises KeyboardInterrupt and quits at once.
     """
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, loud=True):
+        self.signal, self.loud = None, loud     # loud: this process says what happens (the first)
         # Which of stdout and stderr are a terminal, asked now: once it has hung up, it can't say.
         self.terminal = [fd for fd in (1, 2) if os.isatty(fd)]
 
@@ -649,8 +649,9 @@ class StopRequest:
             devnull = os.open(os.devnull, os.O_WRONLY)
             for fd in self.terminal:
                 os.dup2(devnull, fd)
-        print(f"\n{self.signal}: finishing this step, then saving a checkpoint (Ctrl-C again quits at "
-              f"once, losing the current epoch)", file=sys.stderr, flush=True)
+        if self.loud:
+            print(f"\n{self.signal}: finishing this step, then saving a checkpoint (Ctrl-C again quits "
+                  f"at once, losing the current epoch)", file=sys.stderr, flush=True)
 
     def install(self):
         """Returns the handlers it replaced, to put back with restore()."""
@@ -1061,7 +1062,7 @@ def run(args, given):
     ctx = dict(device=device, rank=rank, world=world, input_size=cfg.input_size, train_size=cfg.input_size,
                mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device),
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
-               grad_accum=args.grad_accum, prefix="", stop=StopRequest(), ema=ema, raw_model=model,
+               grad_accum=args.grad_accum, prefix="", stop=StopRequest(loud=is_main), ema=ema, raw_model=model,
                crop_padding=args.crop_padding, flip=args.flip, epoch=0, tta=args.tta,
                save_part=None, save_every=60 * args.save_every, saved_at=time.time(),
                # Which images epoch 0 mirrors under --flip alternate: a random half, drawn from the
@@ -1151,6 +1152,9 @@ def run(args, given):
             at = f" at {side}px" if side != cfg.image_size else ""      # said only while shrunk
             ctx["prefix"] = f"epoch {epoch + 1}/{args.epochs}{at}"
             t0 = time.time()
+            # Images of this epoch trained before a resume (every process starts from the saved sums),
+            # which this part's time and speed must leave out.
+            before = 0 if partial is None else int(partial[2]) * world
             step, sums, stopped = train_one_epoch(train_model, loader, optimizer, scaler, step, sched,
                                                   ctx, partial)
             partial = None
@@ -1169,12 +1173,12 @@ def run(args, given):
             record = dict(epoch=epoch + 1, step=step, train_loss=round(train_loss, 4),
                           train_acc=round(train_acc, 4), eval_split=eval_name, eval_tta=args.tta,
                           eval_loss=round(eval_loss, 4), eval_acc=eval_acc,
-                          lr=lr_at(step - 1, **sched), images_per_s=round(n / train_time, 1),
+                          lr=lr_at(step - 1, **sched), images_per_s=round((n - before) / train_time, 1),
                           epoch_s=round(time.time() - t0, 1), elapsed_s=round(time.time() - run_start, 1),
                           train_size=side)
             history.append(record)
-            left = "" if epoch + 1 == args.epochs else \
-                f", {format_time(record['epoch_s'] * (args.epochs - epoch - 1))} to go"   # at this epoch's pace
+            pace = record["epoch_s"] * n / (n - before)          # seconds a whole epoch takes now
+            left = "" if epoch + 1 == args.epochs else f", {format_time(pace * (args.epochs - epoch - 1))} to go"
             say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc "
                 f"{100 * train_acc:5.2f}%  {eval_label} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
                 f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
