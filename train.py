@@ -1062,8 +1062,8 @@ def run(args, given):
     ctx = dict(device=device, rank=rank, world=world, input_size=cfg.input_size, train_size=cfg.input_size,
                mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device),
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
-               grad_accum=args.grad_accum, prefix="", stop=StopRequest(loud=is_main), ema=ema, raw_model=model,
-               crop_padding=args.crop_padding, flip=args.flip, epoch=0, tta=args.tta,
+               grad_accum=args.grad_accum, prefix="", stop=StopRequest(loud=is_main), ema=ema,
+               raw_model=model, crop_padding=args.crop_padding, flip=args.flip, epoch=0, tta=args.tta,
                save_part=None, save_every=60 * args.save_every, saved_at=time.time(),
                # Which images epoch 0 mirrors under --flip alternate: a random half, drawn from the
                # seed alone, so every process and a resumed run agree on it.
@@ -1178,7 +1178,8 @@ def run(args, given):
                           train_size=side)
             history.append(record)
             pace = record["epoch_s"] * n / (n - before)          # seconds a whole epoch takes now
-            left = "" if epoch + 1 == args.epochs else f", {format_time(pace * (args.epochs - epoch - 1))} to go"
+            epochs_left = args.epochs - epoch - 1
+            left = f", {format_time(pace * epochs_left)} to go" if epochs_left else ""
             say(f"epoch {epoch + 1:>3}/{args.epochs}  train loss {train_loss:.3f} acc "
                 f"{100 * train_acc:5.2f}%  {eval_label} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
                 f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
