@@ -287,6 +287,15 @@ def _decode_files(files, labels, image_size, where=""):
     # faster). Small files like CIFAR's (2 kB) go faster one by one: handing each to a thread costs
     # more than decoding it (measured: twice the time, even with one thread).
     photos = sum(os.path.getsize(f) for f in files) > 100_000 * len(files)
+    if photos:
+        # Each photo is held at image_size x image_size at most, twice over while the list is stacked
+        # into one tensor. Too many for the machine's memory, the system would kill the process only
+        # after the long decoding (ImageNet's 1.28 million at 224 pixels: 385 GB), with one word.
+        need, have = 2 * len(files) * 3 * image_size ** 2, _memory_bytes()
+        if have and need > have:
+            raise DataError(f"{where}: {len(files)} images at {image_size}x{image_size} pixels need about "
+                            f"{need / 1e9:.1f} GB of memory, and this machine has {have / 1e9:.1f} GB; "
+                            f"train at a smaller --image-size, or on a part of the images")
     pool = ThreadPoolExecutor(os.cpu_count() or 1)
     try:
         read = functools.partial(_read_small, image_size=image_size, peek=photos)
@@ -300,6 +309,14 @@ def _decode_files(files, labels, image_size, where=""):
         images = [x if list(x.shape[-2:]) == square else v2.functional.resize(x, square, antialias=True)
                   for x in images]
     return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+
+
+def _memory_bytes():
+    """The machine's memory in bytes, or None where the system can't say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _read_small(path, image_size, peek):

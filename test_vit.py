@@ -258,6 +258,13 @@ class TestData(unittest.TestCase):
                     unittest.mock.patch.object(datasets.time, "monotonic", lambda: next(clock)), \
                     contextlib.redirect_stdout(io.StringIO()) as out:
                 split = datasets._decode_files(files, [0, 1, 0], 16, "photos/train")
+            # Photos too many for the machine's memory at that size: said before decoding a byte
+            # (the 3 reads above are all there were). Three at 30,000 pixels a side, twice over:
+            with unittest.mock.patch.object(datasets, "_memory_bytes", lambda: 8e9), \
+                    unittest.mock.patch.object(datasets, "read_image", spy), \
+                    self.assertRaisesRegex(datasets.DataError, "photos/train: 3 images at 30000x30000 "
+                                           "pixels need about 16.2 GB of memory, and this machine has 8.0 GB"):
+                datasets._decode_files(files, [0, 1, 0], 30000, "photos/train")
         self.assertEqual(shapes, [(3, 16, 16)] * 3)          # no full-size image ever left a read
         self.assertEqual(drafts, [(16, 16)] * 3)
         self.assertEqual(split.images.shape, (3, 3, 16, 16))
