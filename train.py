@@ -17,6 +17,10 @@ training), keeps the best one as `model.best.pt`, and appends one JSON line to
 `model.metrics.jsonl`; an earlier run's files there are kept as `model_prev.*`. Ctrl-C saves and
 tells how to resume.
 
+Reading for the first time? The learning is in `lr_at`, `make_optimizer`, `Muon`, `train_one_epoch`
+and `evaluate`, and `run` puts them together top to bottom. The rest keeps a run safe to stop,
+resume, share between processes and give wrong flags to; it can wait for a second reading.
+
 Letters in shape comments: B batch, C channels, H/W image size, K classes.
 """
 
