@@ -134,7 +134,8 @@ def _torchvision_cifar(name, data_dir):
         raise DataError(
             f"could not download {name.upper()} into {data_dir} ({type(e).__name__}: {e}). If this "
             f"machine is offline, train on an image folder instead: python train.py --dataset folder "
-            f"--data-dir path/to/images (with train/<class>/ and test/<class>/ inside)") from None
+            f"--data-dir path/to/images (with train/<class>/ and test/<class>/ inside, or only "
+            f"<class>/ folders)") from None
 
     def to_split(ds):  # torchvision keeps CIFAR as a numpy array (N, H, W, C)
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()   # (N, C, H, W)
