@@ -713,6 +713,24 @@ class TestReliability(unittest.TestCase):
             for k, v in ckpt_a["model"].items():      # as if it had never crashed
                 torch.testing.assert_close(ckpt_b["model"][k], v, rtol=0, atol=0)
             self.assertEqual(ckpt_b["metrics"][-1]["train_loss"], ckpt_a["metrics"][-1]["train_loss"])
+            # A crash in the evaluation after an epoch's last step: the part-way save before that
+            # step is the one to resume from; one after it would skip the epoch's evaluation.
+            real_eval = train.evaluate
+            train.evaluate = unittest.mock.Mock(side_effect=RuntimeError("power cut"))
+            try:
+                with self.assertRaisesRegex(RuntimeError, "power cut"):
+                    run_train(*self.SMALL, "--epochs", 2, "--out", c, "--drop-path", 0.1,
+                              "--save-every", 1e-6)
+            finally:
+                train.evaluate = real_eval
+            self.assertEqual(torch.load(c, weights_only=True)["step"], 19)
+            code, log = run_train("--resume", c)
+            self.assertEqual(code, 0, log)
+            ckpt_c = torch.load(c, weights_only=True)
+            for k, v in ckpt_a["model"].items():
+                torch.testing.assert_close(ckpt_c["model"][k], v, rtol=0, atol=0)
+            accs = lambda ckpt: [h["eval_acc"] for h in ckpt["metrics"]]
+            self.assertEqual(accs(ckpt_c), accs(ckpt_a))               # both epochs, evaluated once
 
     def test_ctrl_c_in_a_real_process_saves_and_says_how_to_resume(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -708,8 +708,9 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
     sums = torch.zeros(3, device=device) if sums is None else sums.to(device)
     progress = Progress(len(loader) // accum, ctx["prefix"], ctx["rank"] == 0)
     optimizer.zero_grad(set_to_none=True)
+    end = len(loader) // accum * accum            # the batches of whole steps
     for i, (images, labels, index) in enumerate(loader):
-        if i == len(loader) // accum * accum:
+        if i == end:
             break                                 # a few batches short of a whole step: skip them
         last = (i + 1) % accum == 0               # the last part of this optimizer step
         images = images.to(device, non_blocking=True)                     # (B, C, H, W) uint8
@@ -751,8 +752,10 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
                                       f"{(i + 1) * n * ctx['world'] / (time.time() - progress.start):5.0f} img/s")
         if stop_requested(ctx, step):
             break
-        if ctx["save_part"] and time.time() - ctx["saved_at"] >= ctx["save_every"]:
-            ctx["save_part"](step, sums)          # a long epoch, saved part-way (--save-every)
+        # A long epoch, saved part-way (--save-every); not after its last step, which the end of
+        # the epoch saves with its evaluation (a part-way save there would resume past it).
+        if ctx["save_part"] and i + 1 < end and time.time() - ctx["saved_at"] >= ctx["save_every"]:
+            ctx["save_part"](step, sums)
             ctx["saved_at"] = time.time()
     progress.close()
     return step, sums, ctx["stop"].signal is not None
