@@ -660,10 +660,15 @@ class TestReliability(unittest.TestCase):
                 train.stop_requested = real
             self.assertEqual(code, 128 + signal.SIGINT, log)
             self.assertIn(f"Continue with: python train.py --resume {b}", log)
-            self.assertEqual(torch.load(b, weights_only=True)["step"], 27)
+            stopped = torch.load(b, weights_only=True)
+            self.assertEqual(stopped["step"], 27)
             code, log = run_train("--resume", b)
             self.assertEqual(code, 0, log)
             self.assertIn("at step 27 (epoch 2, batch 8 of 20)", log)
+            # the run's clock goes on from the stop, not from the end of epoch 1
+            self.assertGreaterEqual(stopped["elapsed_s"], stopped["metrics"][0]["elapsed_s"])
+            self.assertGreaterEqual(torch.load(b, weights_only=True)["metrics"][1]["elapsed_s"],
+                                    stopped["elapsed_s"])
             ckpt_a, ckpt_b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
             # Same weights and the same metrics (timings aside): deterministic on CPU, so exactly equal.
             for k, v in ckpt_a["model"].items():

@@ -1111,6 +1111,11 @@ def run(args, given):
     if args.benchmark:
         return run_benchmark(train_model, model, loader, optimizer, scaler, sched, ctx, args)
 
+    # The run's clock, which a resumed run winds on from where it was saved (part-way into an epoch
+    # too, so that the time before a stop counts; older checkpoints kept it only per epoch).
+    saved_clock = (resume or {}).get("elapsed_s", history[-1]["elapsed_s"] if history else 0.0)
+    run_start = time.time() - saved_clock
+
     def checkpoint(step):
         rng = dict(cpu=torch.get_rng_state())
         if device.type == "cuda":
@@ -1118,6 +1123,7 @@ def run(args, given):
         return dict(config=asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
                     ema=ema.model.state_dict() if ema is not None else None,
                     scaler=scaler.state_dict(), epoch=step // steps_per_epoch, step=step,
+                    elapsed_s=round(time.time() - run_start, 1),
                     train_images=len(data.train),
                     metrics=history, rng=rng,
                     args=dict(vars(args), dataset=dataset, data_dir=data_dir),
@@ -1146,7 +1152,6 @@ def run(args, given):
         raise problem
     previous_handlers = ctx["stop"].install()
     try:
-        run_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
         best_acc = max((h["eval_acc"] for h in history), default=-1.0)
         best_epoch = max((h["epoch"] for h in history if h["eval_acc"] == best_acc), default=0)
         partial = resume.get("partial_epoch") if resume else None   # sums of an interrupted epoch
