@@ -1464,8 +1464,12 @@ def check_writable(path):
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'model.pt')}")
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {path}: folder {folder} does not exist")
+    if not os.path.isdir(folder):            # --out runs/vit.pt: the folder is made, as visualize's is
+        try:
+            os.makedirs(folder, exist_ok=True)   # (exist_ok: torchrun's processes all get here)
+        except OSError as e:
+            raise ValueError(f"--out {path}: can't make the folder {folder} "
+                             f"({e.strerror or type(e).__name__})") from None
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise ValueError(f"--out {path} can't be written (no permission); choose another --out")
     # Permission bits alone don't tell (root passes every check, and some folders refuse files
