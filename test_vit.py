@@ -914,12 +914,16 @@ class TestReliability(unittest.TestCase):
             self.assertIn("stopping early", log)
             self.assertEqual(train.load_checkpoint(out)["epoch"], 3)
             self.assertEqual(train.load_checkpoint(os.path.join(tmp, "m.best.pt"))["epoch"], 1)
-            # The best checkpoint resumes too, into itself, with a log that starts from its epoch 1.
-            code, log = run_train("--resume", os.path.join(tmp, "m.best.pt"))
+            # The best checkpoint resumes too, into another file (into itself, its later epochs would
+            # overwrite the best one), with a log that starts from its epoch 1.
+            best = os.path.join(tmp, "m.best.pt")
+            self.assertEqual(run_train("--resume", best)[0], 2)
+            code, log = run_train("--resume", best, "--out", os.path.join(tmp, "b.pt"))
             self.assertEqual(code, 0, log)
             self.assertIn("resuming", log)
-            self.assertEqual(train.load_checkpoint(os.path.join(tmp, "m.best.pt"))["epoch"], 3)
-            with open(os.path.join(tmp, "m.best.metrics.jsonl")) as f:
+            self.assertEqual(train.load_checkpoint(best)["epoch"], 1)
+            self.assertEqual(train.load_checkpoint(os.path.join(tmp, "b.pt"))["epoch"], 3)
+            with open(os.path.join(tmp, "b.metrics.jsonl")) as f:
                 self.assertEqual([json.loads(line)["epoch"] for line in f], [1, 2, 3])
 
     def test_a_new_run_keeps_the_earlier_one_and_resume_writes_where_it_read(self):
@@ -941,6 +945,10 @@ class TestReliability(unittest.TestCase):
             self.assertEqual(run_train("--resume", prev, "--epochs", 2)[0], 0)
             self.assertEqual(train.load_checkpoint(prev)["epoch"], 2)
             self.assertEqual(train.load_checkpoint(out)["epoch"], 1)
+            # not into the run's best checkpoint, which the later epochs would overwrite
+            code, log = run_train("--resume", os.path.join(tmp, "m_prev.best.pt"), "--epochs", 3)
+            self.assertEqual(code, 2, log)
+            self.assertIn(f"is the best checkpoint of the run in {prev}", log)
             # resumed with --out elsewhere, the new log holds the run's earlier epochs too
             self.assertEqual(run_train("--resume", prev, "--epochs", 3, "--out", other)[0], 0)
             lines = read("other.metrics.jsonl").decode().splitlines()

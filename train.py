@@ -1328,6 +1328,14 @@ def stopped_by(ctx, step, out, say):
 
 def resumed_args(args, ckpt, say, given):
     """The saved run's settings, with the flags `given` on this command line on top."""
+    if "out" not in given and args.resume.endswith(".best.pt"):
+        # A resumed run goes on in the file it was resumed from, but not in a run's best
+        # checkpoint, which its later epochs would overwrite with worse ones.
+        run = args.resume[:-len(".best.pt")] + ".pt"
+        raise ValueError(f"{args.resume} is the best checkpoint of the run in {run}, and a resumed run "
+                         f"writes where it was read: continue that run with --resume {run}, or go on "
+                         f"from its best epoch into another file with --resume {args.resume} --out "
+                         f"another.pt")
     saved = ckpt.get("args", {})
     defaults = vars(get_parser().parse_args([]))
     typed = {k: getattr(args, k) for k in given}
