@@ -891,6 +891,17 @@ class TestReliability(unittest.TestCase):
         with contextlib.redirect_stderr(io.StringIO()) as err:
             quiet(signal.SIGINT, None)
         self.assertEqual((quiet.signal, err.getvalue()), ("SIGINT", ""))
+        # A signal the run was started ignoring stays ignored: nohup ignores SIGHUP so that the run
+        # outlives its terminal, and must not be undone.
+        if hasattr(signal, "SIGHUP"):
+            before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            try:
+                replaced = train.StopRequest().install()
+                self.assertEqual(signal.getsignal(signal.SIGHUP), signal.SIG_IGN)
+                self.assertIsInstance(signal.getsignal(signal.SIGTERM), train.StopRequest)
+                train.StopRequest.restore(replaced)
+            finally:
+                signal.signal(signal.SIGHUP, before)
 
     def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -658,8 +658,9 @@ class StopRequest:
                   f"at once, losing the current epoch)", file=sys.stderr, flush=True)
 
     def install(self):
-        """Returns the handlers it replaced, to put back with restore()."""
-        return {s: signal.signal(s, self) for s in STOP_SIGNALS}
+        """Returns the handlers it replaced, to put back with restore(). A signal that the run was
+        started ignoring stays ignored: `nohup` ignores SIGHUP so that a run outlives its terminal."""
+        return {s: signal.signal(s, self) for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
 
     @staticmethod
     def restore(previous):
