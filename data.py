@@ -155,8 +155,8 @@ def _image_folder(root, image_size):
     if not os.path.isdir(train_dir) or test_dir is None:
         found = ", ".join(sorted(os.listdir(root))[:8]) or "nothing"
         raise DataError(f"{root} must hold train/ and test/ (or val/) folders with one sub-folder of "
-                        f"images per class inside each, or only the class folders (a tenth of each is "
-                        f"then held out to test on); found: {found}{_folder_hint(root)}")
+                        f"images per class inside each, or only the class folders (about a tenth of "
+                        f"each is then held out to test on); found: {found}{_folder_hint(root)}")
     classes = _class_folders(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class sub-folders (expected {train_dir}/<class>/<image>)")
@@ -180,22 +180,22 @@ def _has_class_folders(root):
 
 
 def _split_class_folders(root, image_size):
-    """root/<class>/<image> without train/ and test/, as most photo collections come: a tenth of
-    each class, picked at random, becomes the test set. The pick is drawn from a fixed seed, so that
-    every run (any --seed), a resumed one, --eval-only and visualize.py test on the same images."""
+    """root/<class>/<image> without train/ and test/, as most photo collections come: about a tenth
+    of each class becomes the test set. Which tenth, a hash of each image's name decides, not a
+    random draw: so every run (any --seed), a resumed one, --eval-only and visualize.py test on the
+    same images, on any machine and torch version, and adding images to the folder moves none of
+    the others from training to test (a model trained before would be tested on what it learned)."""
     classes = _class_folders(root)
     everything = _read_folder(root, classes, image_size, every_class=True)
-    order = torch.randperm(len(everything), generator=torch.Generator().manual_seed(0))
-    test = torch.zeros(len(everything), dtype=torch.bool)
-    for label in range(len(classes)):
-        mine = order[everything.labels[order] == label]          # this class's images, shuffled
-        test[mine[:int(len(mine) * TEST_SHARE)]] = True
+    names, _ = _list_images(root, classes)                     # in the same order as everything
+    share = lambda name: int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10_000 / 10_000   # in [0, 1)
+    test = torch.tensor([share(name) < TEST_SHARE for name in names])
     if not test.any():
         raise DataError(f"{root} has no train/ and test/ folders, and too few images to hold out "
-                        f"{TEST_SHARE:.0%} of a class to test on ({len(everything)} in {len(classes)} "
+                        f"about {TEST_SHARE:.0%} of them to test on ({len(everything)} in {len(classes)} "
                         f"classes); add images, or split them into train/<class>/ and test/<class>/")
     pick = lambda keep: Split(everything.images[keep], everything.labels[keep])
-    return pick(~test), pick(test), classes, (f"{root} has no train/ and test/ folders: "
+    return pick(~test), pick(test), classes, (f"{root} has no train/ and test/ folders: about "
                                              f"{TEST_SHARE:.0%} of each class held out to test on")
 
 
@@ -220,8 +220,10 @@ def _folder_hint(root):
     return ""
 
 
-def _read_folder(split_dir, classes, image_size, every_class=False):
-    names, labels = [], []                            # names relative to split_dir: "cat/0001.jpg"
+def _list_images(split_dir, classes, every_class=False):
+    """The images of split_dir/<class>/, class by class: their names relative to split_dir
+    ("cat/0001.jpg") and labels."""
+    names, labels = [], []
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         found = sorted(f for f in os.listdir(class_dir) if is_image_name(f)) \
@@ -233,6 +235,11 @@ def _read_folder(split_dir, classes, image_size, every_class=False):
                             f"needs training images: add some, or remove the folder")
         names += [f"{name}/{f}" for f in found]
         labels += [label] * len(found)
+    return names, labels
+
+
+def _read_folder(split_dir, classes, image_size, every_class=False):
+    names, labels = _list_images(split_dir, classes, every_class)
     files = [os.path.join(split_dir, n) for n in names]
     if not files:
         raise DataError(f"no images found in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "

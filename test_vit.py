@@ -207,28 +207,37 @@ class TestData(unittest.TestCase):
             self.assertEqual(len(d.mean), 3)
 
     def test_class_folders_without_a_test_folder(self):
-        # Most photo collections come as <class>/<image>, with no train/ and test/: a tenth of
-        # each class is held out, the same images every time.
+        # Most photo collections come as <class>/<image>, with no train/ and test/: about a tenth
+        # of each class is held out, chosen by a hash of each image's name.
+        def add(c, label, numbers):
+            os.makedirs(f"{root}/{c}", exist_ok=True)
+            for i in numbers:
+                Image.new("RGB", (8, 8), (label * 100, i * 6, 0)).save(f"{root}/{c}/{i}.png")
         with tempfile.TemporaryDirectory() as root:
-            for label, (c, n) in enumerate((("ant", 20), ("bee", 30), ("cow", 9))):
-                os.makedirs(f"{root}/{c}")
-                for i in range(n):
-                    Image.new("RGB", (8, 8), (label * 100, i * 8, 0)).save(f"{root}/{c}/{i}.png")
+            add("ant", 0, range(20))
+            add("bee", 1, range(30))
+            add("cow", 2, range(9))
             os.makedirs(f"{root}/__MACOSX/ant")       # left by a zip made on a Mac: no class
             d = datasets.load_data("folder", root, image_size=8)
             self.assertEqual(d.classes, ["ant", "bee", "cow"])
-            self.assertEqual(d.test.labels.tolist(), [0, 0, 1, 1, 1])  # 2 of 20, 3 of 30, 0 of 9
-            self.assertEqual(len(d.train), 54)
-            self.assertIn("10% of each class held out to test on", d.test_from)
-            # no image in both sets, and the same split again (the cache's too), whatever --seed says
+            # the names whose hash falls in the first tenth: ant/16 and 17, bee/0, 7 and 8, cow/0, 4 and 7
+            self.assertEqual(d.test.labels.tolist(), [0, 0, 1, 1, 1, 2, 2, 2])
+            self.assertEqual(d.test.images[:, 1, 0, 0].tolist(), [96, 102, 0, 42, 48, 0, 24, 42])
+            self.assertEqual(len(d.train), 51)
+            self.assertIn("about 10% of each class held out to test on", d.test_from)
             pixels = lambda s: {tuple(x[:, 0, 0].tolist()) for x in s.images}
-            self.assertFalse(pixels(d.train) & pixels(d.test))
+            self.assertFalse(pixels(d.train) & pixels(d.test))               # no image in both
+            # Ten more bees (none of their names in the first tenth): the test set stays as it was,
+            # whatever --seed and --val-split say, and no image moves from training to test.
+            add("bee", 1, range(30, 40))
             again = datasets.load_data("folder", root, image_size=8, val_split=0.1, seed=5)
             self.assertTrue(torch.equal(again.test.images, d.test.images))
-            self.assertEqual(len(again.train) + len(again.val), 54)
+            self.assertEqual(len(again.train) + len(again.val), 61)
             shutil.rmtree(f"{root}/bee")
-            shutil.rmtree(f"{root}/ant")
-            with self.assertRaisesRegex(datasets.DataError, "too few images to hold out 10% of a class"):
+            shutil.rmtree(f"{root}/cow")
+            for i in (16, 17, 18, 19):
+                os.remove(f"{root}/ant/{i}.png")
+            with self.assertRaisesRegex(datasets.DataError, "too few images to hold out about 10%"):
                 datasets.load_data("folder", root, image_size=8)
 
     def test_large_images_are_shrunk_as_they_are_read(self):
