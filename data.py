@@ -190,6 +190,10 @@ def _split_class_folders(root, image_size):
     names, _ = _list_images(root, classes)                     # in the same order as everything
     share = lambda name: int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10_000 / 10_000   # in [0, 1)
     test = torch.tensor([share(name) < TEST_SHARE for name in names])
+    for label in range(len(classes)):         # a class whose few images all fell in the test set
+        mine = everything.labels == label     # keeps them to learn from instead
+        if test[mine].all():
+            test[mine] = False
     if not test.any():
         raise DataError(f"{root} has no train/ and test/ folders, and too few images to hold out "
                         f"about {TEST_SHARE:.0%} of them to test on ({len(everything)} in {len(classes)} "

@@ -233,10 +233,14 @@ class TestData(unittest.TestCase):
             again = datasets.load_data("folder", root, image_size=8, val_split=0.1, seed=5)
             self.assertTrue(torch.equal(again.test.images, d.test.images))
             self.assertEqual(len(again.train) + len(again.val), 61)
-            shutil.rmtree(f"{root}/bee")
+            # A class whose only image hashes into the test set keeps it to learn from.
             shutil.rmtree(f"{root}/cow")
-            for i in (16, 17, 18, 19):
-                os.remove(f"{root}/ant/{i}.png")
+            for i in list(range(16)) + [17, 18, 19]:
+                os.remove(f"{root}/ant/{i}.png")          # ant/16.png is left
+            alone = datasets.load_data("folder", root, image_size=8)
+            self.assertEqual(alone.train.labels.tolist().count(0), 1)
+            self.assertEqual(alone.test.labels.tolist(), [1, 1, 1])
+            shutil.rmtree(f"{root}/bee")
             with self.assertRaisesRegex(datasets.DataError, "too few images to hold out about 10%"):
                 datasets.load_data("folder", root, image_size=8)
 
