@@ -620,6 +620,9 @@ class TestTraining(unittest.TestCase):
                      (("--eval-only", "--ckpt", os.path.join(tmp, "none.pt")), 1, "does not exist"),
                      (("--eval-only", "--ckpt", junk), 1, "is not a checkpoint: torch.save writes a zip"),
                      (("--out", os.path.join(junk, "m.pt")), 2, "can't make the folder"),   # a file there
+                     # an empty --out (a script's unset variable) trained an epoch, then failed to save
+                     (("--out", ""), 2, "--out is empty; give it a value, or leave it out"),
+                     (("--resume", ""), 2, "--resume is empty"),       # had started a new run
                      # nan passes every `x < 0` check, and --mixup nan had silently meant no Mixup
                      (("--mixup", "nan"), 2, "--mixup must be a finite number, got nan"),
                      (("--lr", "inf"), 2, "--lr must be a finite number, got inf"),

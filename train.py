@@ -1381,6 +1381,10 @@ def check_args(args, world, given):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+        # An empty path, typed (a script's unset variable, say), would read as no flag at all:
+        # --resume "" started a new run, --data-dir "" read ./data.
+        if name in given and value == "":
+            raise ValueError(f"--{name.replace('_', '-')} is empty; give it a value, or leave it out")
     if args.batch_size <= 0 or args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be positive and divisible by the "
                          f"{world} processes (it is the global batch)")
@@ -1471,6 +1475,8 @@ def run_eval_only(args, given):
 def check_writable(path):
     """Fail now, not after an hour of training, if the checkpoint can't be written."""
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.basename(path):          # "" (a script's unset variable, say) or "runs/"
+        raise ValueError(f"--out {path!r} names no file; give one, e.g. {os.path.join(path, 'model.pt')}")
     if os.path.isdir(path):
         raise ValueError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'model.pt')}")
     if not os.path.isdir(folder):            # --out runs/vit.pt: the folder is made, as visualize's is
