@@ -1815,7 +1815,21 @@ class TestVisualize(unittest.TestCase):
             err = io.StringIO()
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", folder]), 2)
-            self.assertIn("65 images; give 1 to 64", err.getvalue())
+            self.assertIn("65 images; give 1 to 64 (each is a row of the attention pictures), or add "
+                          "--only predictions", err.getvalue())
+            # Only their classes: any number, all printed; the picture draws the first 64.
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", folder, "--only", "predictions"]), 0)
+            self.assertEqual(sum("%" in line for line in out.getvalue().splitlines()), 65)
+            picture = os.path.join(os.path.splitext(ckpt)[0] + "_vis", "predictions.png")
+            with Image.open(picture) as im:
+                size = im.size
+            os.remove(os.path.join(folder, "62.png"))                         # 64 images left
+            with contextlib.redirect_stdout(io.StringIO()):
+                visualize.main(["--ckpt", ckpt, "--images", folder, "--only", "predictions"])
+            with Image.open(picture) as im:
+                self.assertEqual(im.size, size)                               # 64 rows both times
 
     def test_plot_ticks_are_round_numbers(self):
         labels = lambda lo, hi: [f"{t:.3g}" for t in visualize.round_ticks(lo, hi)]

@@ -449,15 +449,20 @@ class Visualizer:
         self.save(canvas, "curves.png", f"loss and accuracy per epoch, on the training batches "
                   f"(augmented, label-smoothed) and on {split}")
 
+    @torch.no_grad()
+    def print_classes(self, paths, images):
+        """Your own images (--images), any number: each file's three likeliest classes, printed."""
+        m = self.model
+        summaries = self.summaries(images, "classifying your images")            # (B, D)
+        probs = m.head(m.pre_logits(summaries.to(self.device))).float().softmax(1).cpu()   # (B, K)
+        for path, p in zip(paths, probs):
+            top = p.topk(min(3, len(p)))
+            print(f"{path}: " + ", ".join(f"{self.classes[k] if k < len(self.classes) else k} "
+                                          f"{100 * v:.1f}%" for v, k in zip(*top)))
+
     def predictions(self):
         logits, _ = self.forward(self.images)
         pred = logits.argmax(1)
-        if self.labels is None:              # your own images (--images): the answer in words too
-            probs = logits.float().softmax(1)                           # (B, K)
-            for path, p in zip(self.args.images, probs):
-                top = p.topk(min(3, len(p)))
-                print(f"{path}: " + ", ".join(f"{self.classes[k] if k < len(self.classes) else k} "
-                                              f"{100 * v:.1f}%" for v, k in zip(*top)))
         rows, colors = [[image_tile(img)] for img in self.images], {}
         for i, p in enumerate(pred.tolist()):
             if self.labels is not None and p != self.labels[i]:
@@ -469,14 +474,13 @@ class Visualizer:
                   "label; wrong predictions are in red")
 
     @torch.no_grad()
-    def summaries(self, images):
+    def summaries(self, images, what="classifying the test sample"):
         """(B, D) what the head classifies (the pooled token after the last LN, Eq. 4) for many
         images, 100 at a time by the fused attention path. forward() keeps every layer's attention
         maps, which for 500 images of 224 pixels in ViT-B/16 would be (500, 12, 197, 197) floats,
         0.93 GB, in each of its 12 layers. The confusion matrix and the embeddings share one pass."""
         out = []
-        for chunk in datasets.with_progress(images.split(100), "classifying the test sample",
-                                            len(images), size=100):
+        for chunk in datasets.with_progress(images.split(100), what, len(images), size=100):
             x = datasets.normalize(chunk.to(self.device), self.mean, self.std, self.cfg.input_size)
             t = self.model.embed(x)                                       # (B, N, D)
             for block in self.model.blocks:
@@ -606,7 +610,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default="model.pt", help="checkpoint written by train.py (default: model.pt)")
     p.add_argument("--images", nargs="+", help="your own image files or folders of them, up to 64, "
                    "instead of test images (any format PIL reads; converted to RGB and resized to the "
-                   "model's input); the model's three likeliest classes for each are printed too")
+                   "model's input); the model's three likeliest classes for each are printed too. With "
+                   "--only predictions, any number: all are classified, the first 64 drawn")
     p.add_argument("--out", help="folder for the pictures (default: <ckpt name>_vis next to the checkpoint)")
     p.add_argument("--only", help=f"comma-separated subset of: {', '.join(PICTURES)}")
     p.add_argument("--layer", type=int, default=0, help="a layer to show beside the last in "
@@ -652,9 +657,13 @@ def run(args):
         raise ValueError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
     if args.images:
         given, args.images = args.images, image_files(args.images)
-        if not 1 <= len(args.images) <= 64:      # each image is a row, as with --num-images
+        # Each image is a row of the attention pictures, as with --num-images. Only their classes,
+        # printed, have room for more: --only predictions classifies any number (and draws 64).
+        most = 64 if only != ["predictions"] else math.inf
+        if not 1 <= len(args.images) <= most:
             raise ValueError(f"--images {' '.join(given)}: {len(args.images)} images; give 1 to 64 "
-                             f"(each is a row of the attention pictures)")
+                             f"(each is a row of the attention pictures), or add --only predictions "
+                             f"to have the classes of all of them printed")
     ckpt = load_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model = model_from_checkpoint(ckpt).to(device).eval()
@@ -689,9 +698,10 @@ def run(args):
 
     if args.images:
         # Any size and mode in; RGB at the model's input size out (the model could take no other).
-        images = torch.stack([v2.functional.resize(datasets.read_image(p), list(cfg.input_size),
-                                                   antialias=True) for p in args.images])
-        labels = None
+        reads = datasets.with_progress(args.images, "reading your images", len(args.images))
+        every = torch.stack([v2.functional.resize(datasets.read_image(p), list(cfg.input_size),
+                                                  antialias=True) for p in reads])   # (N, C, H, W)
+        images, labels = every[:64], None                                # the ones drawn
     else:
         shown = pick[:args.num_images]
         images, labels = data.test.images[shown], data.test.labels[shown].tolist()
@@ -712,6 +722,8 @@ def run(args):
         if name in ("predictions", "cls_embeddings") and data is not None and summaries is None:
             summaries = v.summaries(data.test.images[sample])   # one pass for both pictures
         if name == "predictions":
+            if args.images:
+                v.print_classes(args.images, every)
             v.predictions()
             if data is not None:
                 v.confusion(summaries, data.test.labels[sample])
