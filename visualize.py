@@ -657,10 +657,11 @@ def run(args):
         raise ValueError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio}")
     if args.images:
         given, args.images = args.images, image_files(args.images)
+        if not args.images:
+            raise ValueError(f"--images {' '.join(given)}: no images there")
         # Each image is a row of the attention pictures, as with --num-images. Only their classes,
         # printed, have room for more: --only predictions classifies any number (and draws 64).
-        most = 64 if only != ["predictions"] else math.inf
-        if not 1 <= len(args.images) <= most:
+        if len(args.images) > 64 and only != ["predictions"]:
             raise ValueError(f"--images {' '.join(given)}: {len(args.images)} images; give 1 to 64 "
                              f"(each is a row of the attention pictures), or add --only predictions "
                              f"to have the classes of all of them printed")
