@@ -1810,6 +1810,12 @@ class TestVisualize(unittest.TestCase):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", folder, "--only", "predictions"]), 0)
             printed = [line.split(":")[0] for line in out.getvalue().splitlines() if "%" in line]
             self.assertEqual(printed, [os.path.join(folder, "a.jpg"), os.path.join(folder, "b.png")])
+            empty = os.path.join(tmp, "empty")
+            os.makedirs(empty)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", empty]), 2)
+            self.assertIn(f"--images {empty}: no images there", err.getvalue())
             for i in range(63):
                 Image.new("RGB", (8, 8)).save(os.path.join(folder, f"{i}.png"))
             err = io.StringIO()
