@@ -166,8 +166,8 @@ def _image_folder(root, image_size):
     if unknown:
         raise DataError(f"{test_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}; "
                         f"the model can only learn the classes it trains on")
-    train = _read_folder(train_dir, classes, image_size, every_class=True)
-    return train, _read_folder(test_dir, classes, image_size), classes, ""
+    train = _read_folder(train_dir, *_list_images(train_dir, classes, every_class=True), image_size)
+    return train, _read_folder(test_dir, *_list_images(test_dir, classes), image_size), classes, ""
 
 
 # The share of each class held out to test on, for a folder of class folders with no test/ of its own.
@@ -186,8 +186,8 @@ def _split_class_folders(root, image_size):
     same images, on any machine and torch version, and adding images to the folder moves none of
     the others from training to test (a model trained before would be tested on what it learned)."""
     classes = _class_folders(root)
-    everything = _read_folder(root, classes, image_size, every_class=True)
-    names, _ = _list_images(root, classes)                     # in the same order as everything
+    names, labels = _list_images(root, classes, every_class=True)
+    everything = _read_folder(root, names, labels, image_size)
     share = lambda name: int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10_000 / 10_000   # in [0, 1)
     test = torch.tensor([share(name) < TEST_SHARE for name in names])
     for label in range(len(classes)):         # a class whose few images all fell in the test set
@@ -239,15 +239,15 @@ def _list_images(split_dir, classes, every_class=False):
                             f"needs training images: add some, or remove the folder")
         names += [f"{name}/{f}" for f in found]
         labels += [label] * len(found)
+    if not names:
+        raise DataError(f"no images found in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "
+                        f"files in one sub-folder per class: {', '.join(classes[:5])}...)")
     return names, labels
 
 
-def _read_folder(split_dir, classes, image_size, every_class=False):
-    names, labels = _list_images(split_dir, classes, every_class)
+def _read_folder(split_dir, names, labels, image_size):
+    """The images `names` (relative to split_dir, as _list_images lists them), decoded."""
     files = [os.path.join(split_dir, n) for n in names]
-    if not files:
-        raise DataError(f"no images found in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} "
-                        f"files in one sub-folder per class: {', '.join(classes[:5])}...)")
     # Decoding 60,000 small JPEGs takes 5-8 s on two CPU cores, every start. So the decoded tensor is
     # kept next to the images, and reused while every file's name, size and modification time (and
     # the image size asked for, and the decoder's version) are what they were; any change decodes

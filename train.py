@@ -1475,9 +1475,7 @@ def run_eval_only(args, given):
 def check_writable(path):
     """Fail now, not after an hour of training, if the checkpoint can't be written."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.basename(path):          # "" (a script's unset variable, say) or "runs/"
-        raise ValueError(f"--out {path!r} names no file; give one, e.g. {os.path.join(path, 'model.pt')}")
-    if os.path.isdir(path):
+    if os.path.isdir(path) or not os.path.basename(path):      # runs, or runs/ not made yet
         raise ValueError(f"--out {path} is a folder; give a file name, e.g. {os.path.join(path, 'model.pt')}")
     if not os.path.isdir(folder):            # --out runs/vit.pt: the folder is made, as visualize's is
         try:

@@ -452,9 +452,8 @@ class Visualizer:
     @torch.no_grad()
     def print_classes(self, paths, images):
         """Your own images (--images), any number: each file's three likeliest classes, printed."""
-        m = self.model
         summaries = self.summaries(images, "classifying your images")            # (B, D)
-        probs = m.head(m.pre_logits(summaries.to(self.device))).float().softmax(1).cpu()   # (B, K)
+        probs = self.scores(summaries).float().softmax(1).cpu()                  # (B, K)
         for path, p in zip(paths, probs):
             top = p.topk(min(3, len(p)))
             print(f"{path}: " + ", ".join(f"{self.classes[k] if k < len(self.classes) else k} "
@@ -489,10 +488,14 @@ class Visualizer:
         return torch.cat(out)
 
     @torch.no_grad()
+    def scores(self, summaries):
+        """(B, K) class scores of summaries() (B, D): the rest of the model's forward pass."""
+        return self.model.head(self.model.pre_logits(summaries.to(self.device)))
+
+    @torch.no_grad()
     def confusion(self, summaries, labels):
         K = self.cfg.num_classes
-        m = self.model
-        preds = m.head(m.pre_logits(summaries.to(self.device))).argmax(1).cpu()   # (B,)
+        preds = self.scores(summaries).argmax(1).cpu()                              # (B,)
         cm = torch.zeros(K, K, dtype=torch.long)
         cm.index_put_((labels, preds), torch.ones_like(labels), accumulate=True)   # [true, predicted]
         labelled = K <= 40                   # room for a name beside each row and column
