@@ -105,7 +105,7 @@ def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fak
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     val = None
-    if val_split > 0:
+    if val_split:                             # (a negative one is refused below, not ignored)
         if not 0 < val_split < 1:
             raise DataError(f"--val-split is a fraction of the training set in (0, 1), got {val_split}")
         # A fixed permutation (seeded) so that resuming, and every rank of a multi-GPU run, hold out

@@ -634,7 +634,11 @@ class TestTraining(unittest.TestCase):
                      # that ended below zero, climbing the loss
                      (("--crop-padding", -1), 2, "--crop-padding must be 0 or more"),
                      (("--crop-padding", 32), 2, "--crop-padding 32 must be smaller than the image (32 pixels)"),
-                     (("--min-lr", -1e-3), 2, "--min-lr must be 0 or more, got -0.001")]
+                     (("--min-lr", -1e-3), 2, "--min-lr must be 0 or more, got -0.001"),
+                     # these two had been ignored without a word: a negative fraction held out
+                     # nothing, and a --min-lr above --lr was clamped to it
+                     (("--val-split", -0.1), 2, "--val-split must be a fraction of the training set, in [0, 1)"),
+                     (("--min-lr", 0.1, "--lr", 1e-3), 2, "--min-lr 0.1 is above --lr 0.001")]
             for argv, want_code, words in cases:
                 with self.subTest(argv=argv):
                     code, out = run_train("--dataset", "fake", "--epochs", 1, *argv)
@@ -1116,7 +1120,7 @@ class TestReliability(unittest.TestCase):
                      (("--weights", "IMAGENET1K_V1"), 2, "give --pretrained too"),
                      (("--pretrained", good, "--model", "cifar_small"), 2, "both name the model; drop --model"),
                      (("--pretrained", good, "--weights", "IMAGENET1K_V1"), 2, "is a checkpoint of ours; drop --weights"),
-                     (("--val-split", 1.5), 1, "--val-split is a fraction"),
+                     (("--val-split", 1.5), 2, "--val-split must be a fraction"),
                      (("--flip", "alternate", "--repeat-aug", 3), 2, "use --flip random with --repeat-aug")]
             for argv, want_code, words in cases:
                 with self.subTest(argv=argv):
@@ -1313,6 +1317,16 @@ class TestRecipe(unittest.TestCase):
             code, log = run_train(*self.SMALL, *flags, "--out", f"{tmp}/m.pt")
             self.assertEqual(code, 0, log)
             return torch.load(f"{tmp}/m.pt", weights_only=True), log
+
+    def test_a_warmup_longer_than_the_run_is_noted(self):
+        # cifar10-best's 10 epochs of warmup in a 1-epoch try: the rate climbs to half its peak and
+        # stops there, which the run now says instead of leaving it to be found in the log.
+        weights, log = self.train_weights("--warmup-epochs", 2, "--lr", 6e-3)
+        self.assertIn("note: the warmup (--warmup-epochs 2) is longer than the run (1 epoch(s)), so the "
+                      "learning rate only rises and never reaches 6.00e-03", log)
+        self.assertAlmostEqual(weights["metrics"][-1]["lr"], 3e-3, places=6)     # half-way up
+        _, log = self.train_weights("--warmup-epochs", 1)    # the default: the peak at the last step
+        self.assertNotIn("note: the warmup", log)
 
     def test_loader_workers_follow_the_per_image_work(self):
         cpu, gpu = torch.device("cpu"), torch.device("cuda")

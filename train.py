@@ -1102,6 +1102,12 @@ def run(args, given):
     if args.compile:   # nothing prints while it compiles: 20 s for cifar_tiny on 2 CPU cores
         say("--compile: the model is compiled at the first training step and again at the first "
             "evaluation, for seconds to minutes each (cached for later runs)")
+    if sched["warmup_steps"] > sched["total_steps"]:
+        # A preset's warmup with a short --epochs (cifar10-best's 10 epochs of warmup, run for 5):
+        # the run would end half-way up the ramp, with no decay, which looks like a bad recipe.
+        say(f"note: the warmup (--warmup-epochs {args.warmup_epochs:g}) is longer than the run "
+            f"({args.epochs} epoch(s)), so the learning rate only rises and never reaches {lr:.2e}; "
+            f"a tenth of the run is usual (--warmup-epochs {args.epochs / 10:g})")
     if args.low_res:
         sizes = [train_size_at(e, cfg.image_size, args.low_res, args.low_res_epochs, cfg.patch_size)
                  for e in range(args.epochs)]
@@ -1412,10 +1418,18 @@ def check_args(args, world, given):
         "mixup": (args.mixup >= 0, "0 or more (0 turns it off)"),
         "cutmix": (args.cutmix >= 0, "0 or more (0 turns it off)"),
         "random_erasing": (0 <= args.random_erasing <= 1, "a probability, in [0, 1]"),
+        # a negative fraction had been read as none at all: no validation set, without a word
+        "val_split": (0 <= args.val_split < 1, "a fraction of the training set, in [0, 1) (0 "
+                                               "evaluates on the test set)"),
     }
     for name, (ok, rule) in ranges.items():
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    # The schedule clamps --min-lr to --lr (so that a tiny --lr with the default --min-lr still
+    # decays); a --min-lr typed above --lr would only have been clamped without a word.
+    if "min_lr" in given and args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the learning rate would "
+                         f"rise where it should decay; give a --min-lr below --lr")
     if args.pretrained and not args.resume and (args.patch_init or args.attn_init):
         raise ValueError("--patch-init and --attn-init choose where training from scratch starts; "
                          "with --pretrained every weight starts from the pretrained model")
