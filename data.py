@@ -33,7 +33,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +80,8 @@ class Data:
     classes: list
     mean: tuple
     std: tuple
-    test_from: str = ""    # where the test set came from, when it isn't a folder or file of its own
+    notes: list = field(default_factory=list)   # lines for train.py to print: where the test set
+                                                # came from, files left out
 
 
 def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fake_size=(1000, 200)):
@@ -90,12 +91,12 @@ def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fak
     model's input (`normalize`), so fine-tuning at 224x224 does not hold 50 times more bytes. Only an
     image folder whose images differ in size, or are larger than image_size, is resized here.
     """
-    test_from = ""
+    notes = []
     if name in ("cifar10", "cifar100"):
         train, test, classes = _torchvision_cifar(name, data_dir)
         mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     elif name == "folder":
-        train, test, classes, test_from = _image_folder(data_dir, image_size)
+        train, test, classes, notes = _image_folder(data_dir, image_size)
         mean, std = channel_stats(train.images)
     elif name == "fake":
         classes = [f"class{i}" for i in range(10)]
@@ -114,7 +115,7 @@ def load_data(name, data_dir="./data", image_size=32, val_split=0.0, seed=0, fak
         n_val = max(1, int(len(train) * val_split))
         val = Split(train.images[order[:n_val]], train.labels[order[:n_val]])
         train = Split(train.images[order[n_val:]], train.labels[order[n_val:]])
-    return Data(train, val, test, classes, tuple(mean), tuple(std), test_from)
+    return Data(train, val, test, classes, tuple(mean), tuple(std), notes)
 
 
 def _torchvision_cifar(name, data_dir):
@@ -166,8 +167,10 @@ def _image_folder(root, image_size):
     if unknown:
         raise DataError(f"{test_dir} has class folders that {train_dir} lacks: {', '.join(unknown[:5])}; "
                         f"the model can only learn the classes it trains on")
-    train = _read_folder(train_dir, *_list_images(train_dir, classes, every_class=True), image_size)
-    return train, _read_folder(test_dir, *_list_images(test_dir, classes), image_size), classes, ""
+    train, train_out = _read_folder(train_dir, *_list_images(train_dir, classes, every_class=True), image_size)
+    test, test_out = _read_folder(test_dir, *_list_images(test_dir, classes), image_size)
+    notes = [_left_out_note(train_dir, train_out), _left_out_note(test_dir, test_out)]
+    return train, test, classes, [n for n in notes if n]
 
 
 # The share of each class held out to test on, for a folder of class folders with no test/ of its own.
@@ -187,7 +190,9 @@ def _split_class_folders(root, image_size):
     the others from training to test (a model trained before would be tested on what it learned)."""
     classes = _class_folders(root)
     names, labels = _list_images(root, classes, every_class=True)
-    everything = _read_folder(root, names, labels, image_size)
+    everything, left_out = _read_folder(root, names, labels, image_size)
+    left_out_set = set(left_out)
+    names = [n for n in names if n not in left_out_set]   # the names of the images decoded
     share = lambda name: int(hashlib.sha1(name.encode()).hexdigest(), 16) % 10_000 / 10_000   # in [0, 1)
     test = torch.tensor([share(name) < TEST_SHARE for name in names])
     for label in range(len(classes)):         # a class whose few images all fell in the test set
@@ -199,8 +204,9 @@ def _split_class_folders(root, image_size):
                         f"about {TEST_SHARE:.0%} of them to test on ({len(everything)} in {len(classes)} "
                         f"classes); add images, or split them into train/<class>/ and test/<class>/")
     pick = lambda keep: Split(everything.images[keep], everything.labels[keep])
-    return pick(~test), pick(test), classes, (f"{root} has no train/ and test/ folders: about "
-                                             f"{TEST_SHARE:.0%} of each class held out to test on")
+    notes = [f"{root} has no train/ and test/ folders: about {TEST_SHARE:.0%} of each class held out "
+             f"to test on", _left_out_note(root, left_out)]
+    return pick(~test), pick(test), classes, [n for n in notes if n]
 
 
 def _class_folders(split_dir):
@@ -246,7 +252,8 @@ def _list_images(split_dir, classes, every_class=False):
 
 
 def _read_folder(split_dir, names, labels, image_size):
-    """The images `names` (relative to split_dir, as _list_images lists them), decoded."""
+    """The images `names` (relative to split_dir, as _list_images lists them), decoded: a Split,
+    and the names of the files left out because no decoder could read them."""
     files = [os.path.join(split_dir, n) for n in names]
     # Decoding 60,000 small JPEGs takes 5-8 s on two CPU cores, every start. So the decoded tensor is
     # kept next to the images, and reused while every file's name, size and modification time (and
@@ -260,19 +267,28 @@ def _read_folder(split_dir, names, labels, image_size):
     try:
         saved = torch.load(cache, weights_only=True)
         if saved["fingerprint"] == fingerprint.hexdigest():
-            return Split(saved["images"], saved["labels"])
+            return Split(saved["images"], saved["labels"]), saved.get("left_out", [])
     except Exception:       # none yet, or unreadable (a half-written file, another torch): decode
         pass
-    split = _decode_files(files, labels, image_size, split_dir)
+    split, bad = _decode_files(files, labels, image_size, split_dir)
+    left_out = [names[i] for i in bad]
     tmp = f"{cache}.{os.getpid()}.tmp"       # written aside, then renamed: never half a cache
     try:
         torch.save({"fingerprint": fingerprint.hexdigest(), "images": split.images,
-                    "labels": split.labels}, tmp)
+                    "labels": split.labels, "left_out": left_out}, tmp)
         os.replace(tmp, cache)
     except (OSError, RuntimeError):         # a read-only folder or a full disk: the next start decodes
         if os.path.exists(tmp):
             os.remove(tmp)
-    return split
+    return split, left_out
+
+
+def _left_out_note(split_dir, left_out):
+    if not left_out:
+        return ""
+    shown = ", ".join(left_out[:3]) + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
+    return (f"left out {len(left_out)} file(s) in {split_dir} that no decoder could read ({shown}); "
+            f"replace or delete them, and this line goes")
 
 
 def with_progress(items, what, total, size=1):
@@ -292,6 +308,7 @@ def with_progress(items, what, total, size=1):
 
 
 def _decode_files(files, labels, image_size, where=""):
+    """Decode `files` into a Split; also returns the indices of those left out, unreadable."""
     from torchvision.transforms import v2
     square = [image_size, image_size]
     # Photos (100 kB and more a file) take milliseconds each to decode, in C with Python's lock
@@ -310,17 +327,32 @@ def _decode_files(files, labels, image_size, where=""):
                             f"train at a smaller --image-size, or on a part of the images")
     pool = ThreadPoolExecutor(os.cpu_count() or 1)
     try:
-        read = functools.partial(_read_small, image_size=image_size, peek=photos)
+        read = functools.partial(_read_or_error, image_size=image_size, peek=photos)
         decoded = pool.map(read, files) if photos else map(read, files)
         images = list(with_progress(decoded, f"decoding {where}", len(files)))   # (3, H, W) uint8 each
     finally:
-        pool.shutdown(cancel_futures=True)             # after an error (a broken file): stop there
+        pool.shutdown(cancel_futures=True)             # after Ctrl-C: stop there
+    # A broken file among thousands of photos (a download cut short, a file of another kind with an
+    # image's name) is left out, and named, rather than stopping the run after the long decoding
+    # and again at the next broken file. If no file could be read, that is the error.
+    bad = [i for i, x in enumerate(images) if isinstance(x, DataError)]
+    if len(bad) == len(files):
+        raise images[0]
+    labels = [y for x, y in zip(images, labels) if not isinstance(x, DataError)]
+    images = [x for x in images if not isinstance(x, DataError)]
     if len({x.shape for x in images}) > 1:
         # Images of several sizes: all to one, so that they fit one tensor. (Images of one size,
         # smaller than the model's input, are kept as they are; normalize() enlarges each batch.)
         images = [x if list(x.shape[-2:]) == square else v2.functional.resize(x, square, antialias=True)
                   for x in images]
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long))
+    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long)), bad
+
+
+def _read_or_error(path, image_size, peek):
+    try:
+        return _read_small(path, image_size, peek)
+    except DataError as e:         # returned, to be counted with the others
+        return e
 
 
 def _memory_bytes():

@@ -198,10 +198,27 @@ class TestData(unittest.TestCase):
             os.makedirs(f"{root}/test/.ipynb_checkpoints")
             with open(f"{root}/train/cat/._0.jpg", "wb") as f:   # macOS metadata beside an image
                 f.write(b"\x00\x05\x16\x07 not a JPEG")
+            for name in ("cat/1.jpg", "dog/0.jpg", "dog/1.jpg"):      # broken test files
+                with open(f"{root}/test/{name}", "wb") as f:
+                    f.write(b"\xff\xd8\xff cut short")
             d = datasets.load_data("folder", root, image_size=16)
             self.assertEqual(d.classes, ["cat", "dog"])
             self.assertEqual(d.train.images.shape, (7, 3, 16, 16))
             self.assertEqual(d.train.labels.tolist(), [0, 0, 0, 1, 1, 1, 1])
+            # left out and named, rather than stopping the run at the first, after the decoding;
+            # the same from the decoded copy kept beside them
+            self.assertEqual(d.test.labels.tolist(), [0])
+            note = (f"left out 3 file(s) in {root}/test that no decoder could read (cat/1.jpg, "
+                    f"dog/0.jpg, dog/1.jpg); replace or delete them, and this line goes")
+            self.assertEqual(d.notes, [note])
+            self.assertEqual(datasets.load_data("folder", root, image_size=16).notes, [note])
+            os.remove(f"{root}/test/cat/0.jpg")                      # none readable: that is the error
+            with self.assertRaisesRegex(datasets.DataError, "cat/1.jpg is not an image PIL can read"):
+                datasets.load_data("folder", root, image_size=16)
+            for name, colour in (("cat/0.jpg", (200, 30, 30)), ("cat/1.jpg", (200, 30, 30)),
+                                 ("dog/0.jpg", (30, 30, 200)), ("dog/1.jpg", (30, 30, 200))):
+                Image.new("RGB", (20, 24), colour).save(f"{root}/test/{name}")      # mended
+            d = datasets.load_data("folder", root, image_size=16)
             self.assertEqual(d.test.images.shape, (4, 3, 16, 16))
             self.assertGreater(d.train.images[0, 0].float().mean(), 150)       # red stays red
             self.assertEqual(len(d.mean), 3)
@@ -218,13 +235,18 @@ class TestData(unittest.TestCase):
             add("bee", 1, range(30))
             add("cow", 2, range(9))
             os.makedirs(f"{root}/__MACOSX/ant")       # left by a zip made on a Mac: no class
+            with open(f"{root}/ant/00.png", "wb") as f:   # a download cut short
+                f.write(b"\x89PNG\r\n")
             d = datasets.load_data("folder", root, image_size=8)
             self.assertEqual(d.classes, ["ant", "bee", "cow"])
             # the names whose hash falls in the first tenth: ant/16 and 17, bee/0, 7 and 8, cow/0, 4 and 7
             self.assertEqual(d.test.labels.tolist(), [0, 0, 1, 1, 1, 2, 2, 2])
             self.assertEqual(d.test.images[:, 1, 0, 0].tolist(), [96, 102, 0, 42, 48, 0, 24, 42])
             self.assertEqual(len(d.train), 51)
-            self.assertIn("about 10% of each class held out to test on", d.test_from)
+            self.assertIn("about 10% of each class held out to test on", d.notes[0])
+            # the broken file, second in the order: the others keep their labels and test images
+            self.assertEqual(d.notes[1], f"left out 1 file(s) in {root} that no decoder could read "
+                                         f"(ant/00.png); replace or delete them, and this line goes")
             pixels = lambda s: {tuple(x[:, 0, 0].tolist()) for x in s.images}
             self.assertFalse(pixels(d.train) & pixels(d.test))               # no image in both
             # Ten more bees (none of their names in the first tenth): the test set stays as it was,
@@ -270,7 +292,7 @@ class TestData(unittest.TestCase):
                     unittest.mock.patch.object(JpegImagePlugin.JpegImageFile, "draft", draft), \
                     unittest.mock.patch.object(datasets.time, "monotonic", lambda: next(clock)), \
                     contextlib.redirect_stdout(io.StringIO()) as out:
-                split = datasets._decode_files(files, [0, 1, 0], 16, "photos/train")
+                split, left_out = datasets._decode_files(files, [0, 1, 0], 16, "photos/train")
             # Photos too many for the machine's memory at that size: said before decoding a byte
             # (the 3 reads above are all there were). Three at 30,000 pixels a side, twice over:
             with unittest.mock.patch.object(datasets, "_memory_bytes", lambda: 8e9), \
@@ -280,7 +302,7 @@ class TestData(unittest.TestCase):
                 datasets._decode_files(files, [0, 1, 0], 30000, "photos/train")
         self.assertEqual(shapes, [(3, 16, 16)] * 3)          # no full-size image ever left a read
         self.assertEqual(drafts, [(16, 16)] * 3)
-        self.assertEqual(split.images.shape, (3, 3, 16, 16))
+        self.assertEqual((split.images.shape, left_out), ((3, 3, 16, 16), []))
         red = split.images[:, 0].float().mean(dim=(1, 2))          # (3,): about 20, 100, 180
         self.assertEqual([round((v - 20) / 80) for v in red.tolist()], [0, 1, 2])
         self.assertIn("decoding photos/train: 1/3 images, about 24 s to go", out.getvalue())

@@ -1093,8 +1093,8 @@ def run(args, given):
         f"{len(data.test)} test images, {len(data.classes)} classes; evaluating on {eval_name}"
         f"{' with mirror images (--tta)' if args.tta else ''}; crop padding {args.crop_padding}, "
         f"{args.flip} flips")
-    if data.test_from:
-        say(data.test_from)
+    for note in data.notes:          # where the test set came from; files left out
+        say(note)
     say(f"device {device}, precision {amp_dtype or 'fp32'}, {world} process(es), global batch "
         f"{args.batch_size}{f' in {args.grad_accum} parts' if args.grad_accum > 1 else ''}, "
         f"{steps_per_epoch} steps/epoch, {args.optimizer} peak lr {lr:.2e}, "
