@@ -1841,11 +1841,23 @@ class TestVisualize(unittest.TestCase):
                 Image.new("RGB", (40, 30), (120, 60, 0)).save(os.path.join(folder, name))
             with open(os.path.join(folder, "notes.txt"), "w") as f:
                 f.write("not an image")
+            broken = os.path.join(folder, "c.png")             # a broken file in the folder is left
+            with open(broken, "wb") as f:                      # out and named; named itself, an error
+                f.write(b"\x89PNG cut short")
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", folder, "--only", "predictions"]), 0)
             printed = [line.split(":")[0] for line in out.getvalue().splitlines() if "%" in line]
             self.assertEqual(printed, [os.path.join(folder, "a.jpg"), os.path.join(folder, "b.png")])
+            self.assertIn(f"left out 1 file(s) that no decoder could read: {broken}\n", out.getvalue())
+            os.remove(broken)
+            # the folder around the image folders, as a dataset's test/ is: they are named (the
+            # pictures just drawn are images too)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", tmp]), 2)
+            self.assertIn(f"--images {tmp}: no images there (but in its folders: --images {tmp}/m_vis "
+                          f"{folder})", err.getvalue())
             empty = os.path.join(tmp, "empty")
             os.makedirs(empty)
             err = io.StringIO()
@@ -1915,6 +1927,7 @@ class TestVisualize(unittest.TestCase):
             for flags, words in [(("--layer", "3"), "--layer 3: the model has 2 layers"),
                                  (("--layer", "-3"), "--layer -3: the model has 2 layers"),
                                  (("--num-images", "65"), "--num-images must be from 1 to 64, got 65"),
+                                 (("--only", ""), "--only names no picture"),    # it drew them all
                                  (("--out", os.path.join(paths[0], "sub")), "can't make that folder")]:
                 err = io.StringIO()
                 with self.subTest(flags=flags), contextlib.redirect_stderr(err), \

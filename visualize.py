@@ -645,7 +645,9 @@ def main(argv=None):
 
 
 def run(args):
-    only = PICTURES if not args.only else [s.strip() for s in args.only.split(",")]
+    only = PICTURES if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
+    if not only:                        # --only "" (a script's unset variable) had meant everything
+        raise ValueError(f"--only names no picture; choose from {', '.join(PICTURES)}, or leave it out")
     unknown = [s for s in only if s not in PICTURES]
     if unknown:
         raise ValueError(f"--only: unknown picture {', '.join(unknown)}; choose from {', '.join(PICTURES)}")
@@ -661,7 +663,11 @@ def run(args):
     if args.images:
         given, args.images = args.images, image_files(args.images)
         if not args.images:
-            raise ValueError(f"--images {' '.join(given)}: no images there")
+            # A dataset's folder (cifar10-jpeg/test) holds its images one level down, in class folders.
+            inside = [os.path.join(p, d) for p in given if os.path.isdir(p) for d in sorted(os.listdir(p))
+                      if os.path.isdir(os.path.join(p, d)) and image_files([os.path.join(p, d)])]
+            hint = f" (but in its folders: --images {' '.join(inside[:3])}{' ...' if len(inside) > 3 else ''})"
+            raise ValueError(f"--images {' '.join(given)}: no images there{hint if inside else ''}")
         # Each image is a row of the attention pictures, as with --num-images. Only their classes,
         # printed, have room for more: --only predictions classifies any number (and draws 64).
         if len(args.images) > 64 and only != ["predictions"]:
@@ -703,8 +709,22 @@ def run(args):
     if args.images:
         # Any size and mode in; RGB at the model's input size out (the model could take no other).
         reads = datasets.with_progress(args.images, "reading your images", len(args.images))
-        every = torch.stack([v2.functional.resize(datasets.read_image(p), list(cfg.input_size),
-                                                  antialias=True) for p in reads])   # (N, C, H, W)
+        read, bad = [], []
+        for p in reads:
+            try:
+                read.append(v2.functional.resize(datasets.read_image(p), list(cfg.input_size), antialias=True))
+            except DataError:
+                # A file you named is an error; a broken one in a folder you named is left out, as
+                # train.py does, rather than ending the run at it.
+                if p in given or len(bad) + 1 == len(args.images):
+                    raise
+                bad.append(p)
+        if bad:
+            print(f"left out {len(bad)} file(s) that no decoder could read: {', '.join(bad[:3])}"
+                  f"{' ...' if len(bad) > 3 else ''}")
+            left_out = set(bad)
+            args.images = [p for p in args.images if p not in left_out]
+        every = torch.stack(read)                                        # (N, C, H, W)
         images, labels = every[:64], None                                # the ones drawn
     else:
         shown = pick[:args.num_images]
