@@ -1374,6 +1374,16 @@ class TestRecipe(unittest.TestCase):
             torch.testing.assert_close(w, w32, rtol=0, atol=0.02)           # the same training, rounded
             self.assertEqual(bool(ckpt["scaler"]), name == "fp16", name)  # GradScaler's state, if on
         self.assertEqual(fp32["scaler"], {})
+        # TF32 for the matmuls that autocast leaves in float32 (Muon's): on CUDA under autocast
+        # only, never when --precision fp32 asks for float32.
+        before = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            self.assertFalse(train.use_tf32(torch.device("cpu"), torch.bfloat16))
+            self.assertFalse(train.use_tf32(torch.device("cuda"), None))
+            self.assertTrue(train.use_tf32(torch.device("cuda"), torch.bfloat16))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
 
     def test_presets_set_defaults_that_flags_override(self):
         for name, preset in train.PRESETS.items():

@@ -402,6 +402,19 @@ def pick_precision(name, device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def use_tf32(device, dtype):
+    """On a CUDA GPU under autocast, let the matmuls left in float32 use TF32 tensor cores.
+
+    Autocast runs the model's matmuls in bf16 already; what stays float32 is mainly Muon's
+    orthogonalisation, five rounds of matmuls over every block matrix at each step, which the
+    original Muon runs in bf16. TF32 keeps float32's range with a 10-bit mantissa, and on an
+    H100 is several times faster. --precision fp32 asks for float32 arithmetic: left as it is.
+    """
+    if device.type == "cuda" and dtype is not None:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return torch.backends.cuda.matmul.allow_tf32
+
+
 def autocast_for(device, dtype):
     """A function that opens the mixed-precision context for one forward pass (or does nothing)."""
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
@@ -1015,6 +1028,7 @@ def run(args, given):
                  warmup_steps=round(args.warmup_epochs * steps_per_epoch))
     optimizer = make_optimizer(model, lr, args.weight_decay, device, args.optimizer)
     amp_dtype = pick_precision(args.precision, device)
+    use_tf32(device, amp_dtype)
     # Loss scaling keeps small fp16 gradients from rounding to zero; bf16 has fp32's range, needs none.
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step, history = 0, []
