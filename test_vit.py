@@ -1860,7 +1860,14 @@ class TestVisualize(unittest.TestCase):
             printed = [line.split(":")[0] for line in out.getvalue().splitlines() if "%" in line]
             self.assertEqual(printed, [os.path.join(folder, "a.jpg"), os.path.join(folder, "b.png")])
             self.assertIn(f"left out 1 file(s) that no decoder could read: {broken}\n", out.getvalue())
-            os.remove(broken)
+            only_broken = os.path.join(tmp, "broken")          # nothing readable: that is the error
+            os.makedirs(only_broken)
+            shutil.move(broken, only_broken)
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", only_broken]), 1)
+            self.assertIn("c.png is not an image PIL can read", err.getvalue())
+            shutil.rmtree(only_broken)
             # the folder around the image folders, as a dataset's test/ is: they are named (the
             # pictures just drawn are images too)
             err = io.StringIO()

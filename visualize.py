@@ -664,8 +664,8 @@ def run(args):
         given, args.images = args.images, image_files(args.images)
         if not args.images:
             # A dataset's folder (cifar10-jpeg/test) holds its images one level down, in class folders.
-            inside = [os.path.join(p, d) for p in given if os.path.isdir(p) for d in sorted(os.listdir(p))
-                      if os.path.isdir(os.path.join(p, d)) and image_files([os.path.join(p, d)])]
+            inside = [os.path.join(p, d) for p in given if os.path.isdir(p) for d in sorted(os.listdir(p))]
+            inside = [d for d in inside if os.path.isdir(d) and image_files([d])]
             hint = f" (but in its folders: --images {' '.join(inside[:3])}{' ...' if len(inside) > 3 else ''})"
             raise ValueError(f"--images {' '.join(given)}: no images there{hint if inside else ''}")
         # Each image is a row of the attention pictures, as with --num-images. Only their classes,
@@ -713,12 +713,13 @@ def run(args):
         for p in reads:
             try:
                 read.append(v2.functional.resize(datasets.read_image(p), list(cfg.input_size), antialias=True))
-            except DataError:
-                # A file you named is an error; a broken one in a folder you named is left out, as
-                # train.py does, rather than ending the run at it.
-                if p in given or len(bad) + 1 == len(args.images):
+            except DataError as e:
+                if p in given:             # a file you named: an error
                     raise
-                bad.append(p)
+                bad.append(p)              # a broken one in a folder you named: left out, as train.py does
+                error = e
+        if not read:
+            raise error                    # none could be read
         if bad:
             print(f"left out {len(bad)} file(s) that no decoder could read: {', '.join(bad[:3])}"
                   f"{' ...' if len(bad) > 3 else ''}")
