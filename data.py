@@ -9,7 +9,9 @@ to its images, so that the next start skips the decoding too.
 Datasets (`--dataset`):
     cifar10, cifar100   torchvision's copies, downloaded into --data-dir (default ./data)
     folder              any tree  DATA_DIR/train/<class>/*.jpg  and  DATA_DIR/test/<class>/*.jpg
-                        (or val/ instead of test/), e.g. the CIFAR-10 JPEG copy
+                        (or val/ instead of test/), e.g. the CIFAR-10 JPEG copy; or only
+                        DATA_DIR/<class>/*.jpg, a tenth of each class then held out to test on
+                        (_split_class_folders). Files no decoder can read are left out, and named
     fake                synthetic images with a learnable pattern per class; offline, for tests
 
 Augmentation (training only) is the standard CIFAR recipe: a random 32x32 crop of the image padded by
