@@ -77,7 +77,7 @@ class Split:
 @dataclass
 class Data:
     train: Split
-    val: Split | None      # held out from train with --val-split, else None
+    val: "Split | None"    # held out from train with --val-split, else None (quoted: Python 3.9)
     test: Split
     classes: list
     mean: tuple
