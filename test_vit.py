@@ -1017,6 +1017,11 @@ class TestReliability(unittest.TestCase):
                 self.assertFalse(os.path.exists(f))
                 self.assertEqual(read(os.path.basename(p)).decode(), f)
             self.assertIn(f"--resume {os.path.join(tmp, 'run_prev')} continues it", said[0])
+            # and its best checkpoint names it, not a run.pt that was never written
+            best = os.path.join(tmp, "run.best.pt")
+            with self.assertRaisesRegex(ValueError, f"is the best checkpoint of the run in {os.path.join(tmp, 'run')}, "):
+                train.resumed_args(train.parse_args(["--resume", best]), {"args": {"out": os.path.join(tmp, "run")}},
+                                   said.append, {"resume"})
 
     def test_a_flag_given_on_resume_wins_even_at_its_default_value(self):
         # --epochs 10 and --patience 0 are the parser's defaults: typed on the command line, they

@@ -1352,7 +1352,8 @@ def resumed_args(args, ckpt, say, given):
     if "out" not in given and args.resume.endswith(".best.pt"):
         # A resumed run goes on in the file it was resumed from, but not in a run's best
         # checkpoint, which its later epochs would overwrite with worse ones.
-        run = args.resume[:-len(".best.pt")] + ".pt"
+        ext = os.path.splitext(ckpt.get("args", {}).get("out") or "model.pt")[1]   # .pt, .pth or none
+        run = args.resume[:-len(".best.pt")] + ext
         raise ValueError(f"{args.resume} is the best checkpoint of the run in {run}, and a resumed run "
                          f"writes where it was read: continue that run with --resume {run}, or go on "
                          f"from its best epoch into another file with --resume {args.resume} --out "
