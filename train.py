@@ -426,10 +426,11 @@ def default_workers(device, augment, random_erasing):
     On a CPU, none: the model needs every core, and a worker took one from it (README, Speed). On a
     GPU, the CPU's cores are free for the loader. Without per-image policies it only gathers bytes
     (crop and flip run on the GPU), which 4 workers do faster than a small ViT trains. AutoAugment,
-    RandAugment and TrivialAugment run per image: 5,600, 4,500 and 6,400 images/s on one core of
-    the 2-core Intel Xeon (other runs sharing it), where a GPU trains cifar_small at tens of
-    thousands. So those recipes get up to 8 of the cores this process may use (the machine's cores
-    shared among the processes torchrun starts on it).
+    RandAugment and TrivialAugment run per image: 8,700, 5,600 and 10,100 images/s on one thread of
+    the 2-core Intel Xeon (7,000 for AutoAugment with random erasing; results/README.md, Speed),
+    where a GPU should train cifar_small at tens of thousands (not yet measured; README, Presets).
+    So those recipes get up to 8 of the cores this process may use (the machine's cores shared
+    among the processes torchrun starts on it).
     """
     if device.type == "cpu":
         return 0
