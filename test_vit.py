@@ -1653,6 +1653,13 @@ class TestRecipe(unittest.TestCase):
             self.assertIn("model alone", log)
             with open(out, "rb") as f:
                 self.assertEqual(f.read(), before)
+        # On a GPU the share is of the data sheet's bf16 peak, found by the GPU's name: the PCIe
+        # H100's name holds "H100" too, and must not get the SXM's higher peak.
+        cuda = torch.device("cuda")
+        for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                           ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)):
+            with unittest.mock.patch.object(torch.cuda, "get_device_name", lambda device=None: name):
+                self.assertEqual(train.device_peak(cuda, torch.bfloat16), (peak, f"{name} bf16 data sheet"))
 
     def test_tutorial_comparison_is_like_for_like(self):
         # README's speed ratios against a tutorial's ViT come from results/compare_tutorial.py: its
