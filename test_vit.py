@@ -1379,6 +1379,22 @@ class TestRecipe(unittest.TestCase):
             torch.testing.assert_close(w, w32, rtol=0, atol=0.02)           # the same training, rounded
             self.assertEqual(bool(ckpt["scaler"]), name == "fp16", name)  # GradScaler's state, if on
         self.assertEqual(fp32["scaler"], {})
+        # What a GPU gets with no flag, decided here with the GPU mocked: bf16 where it has it,
+        # else fp16 (with the loss scaling above), fp32 on MPS; and under torchrun each process
+        # its own GPU, by its local rank.
+        cuda, mps = torch.device("cuda"), torch.device("mps")
+        mock = unittest.mock.patch.object
+        for bf16, want in ((True, torch.bfloat16), (False, torch.float16)):
+            with mock(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16):
+                self.assertEqual(train.pick_precision("auto", cuda), want)
+        self.assertIsNone(train.pick_precision("auto", mps))
+        with mock(torch.cuda, "is_available", lambda: True), mock(torch.cuda, "device_count", lambda: 2):
+            self.assertEqual(train.pick_device("auto", local_rank=1), torch.device("cuda", 1))
+            self.assertEqual(train.pick_device("cuda", local_rank=1), torch.device("cuda", 1))
+            with self.assertRaisesRegex(ValueError, "--device cuda:2: there are only 2 GPUs"):
+                train.pick_device("cuda:2")
+        with mock(torch.cuda, "is_available", lambda: False), mock(torch.backends.mps, "is_available", lambda: True):
+            self.assertEqual(train.pick_device("auto"), mps)
         # TF32 for the matmuls that autocast leaves in float32 (Muon's): on CUDA under autocast
         # only, never when --precision fp32 asks for float32.
         before = torch.backends.cuda.matmul.allow_tf32
