@@ -1164,6 +1164,25 @@ class TestReliability(unittest.TestCase):
             self.assertIn(f"--out {blocked} can't be written", out)
             self.assertNotIn("Traceback", out)
 
+    def test_a_save_that_fails_stops_every_process(self):
+        # Under torchrun only the first process saves. If it can't (a full disk), every process
+        # hears so after the epoch's save and stops there, instead of training on into its next
+        # exchange with the first, which then fails with a traceback from gloo. Here the one process
+        # plays another one, told by the first of a failed save at the end of epoch 1.
+        calls = []
+
+        def told(problem, device):
+            calls.append(problem)
+            return len(calls) == 2         # 1: claiming --out at the start; 2: epoch 1's save
+        with tempfile.TemporaryDirectory() as tmp, \
+                unittest.mock.patch.object(train, "first_process_failed", told):
+            code, log = run_train(*self.SMALL, "--epochs", 3, "--out", f"{tmp}/m.pt")
+        self.assertEqual(code, 1, log)
+        self.assertEqual(calls, [None, None])           # its own saves went well
+        self.assertIn("epoch   1/3", log)
+        self.assertNotIn("epoch   2/3", log)
+        self.assertNotIn("Traceback", log)
+
     def test_two_processes_match_one(self):
         # torchrun with 2 CPU processes (gloo) and global batch 50 against 1 process with batch 50. No
         # augmentation: each process draws its own random crops, which would make the runs differ.

@@ -837,6 +837,14 @@ def evaluate(model, split, ctx, batch_size=None):
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 
+def first_process_failed(problem, device):
+    """Did the first process, the one that writes the files, fail with `problem` (an exception it
+    caught, or None)? Asked of every process, so that all stop together: otherwise the others would
+    train on into their next exchange with it, and fail there with a traceback from gloo or NCCL
+    below its one sentence."""
+    return reduce_sum(torch.tensor(float(problem is not None), device=device)).item() > 0
+
+
 def reduce_sum(t):
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -1168,7 +1176,7 @@ def run(args, given):
             lock = start_files(args.out, args.resume, history, say)
         except CheckpointError as e:
             problem = e
-    if reduce_sum(torch.tensor(float(problem is not None), device=device)).item() > 0:
+    if first_process_failed(problem, device):
         if problem is None:
             return 1                           # the first process says why
         raise problem
@@ -1218,17 +1226,25 @@ def run(args, given):
                 f"{100 * train_acc:5.2f}%  {eval_label} loss {eval_loss:.3f} acc {100 * eval_acc:5.2f}%  "
                 f"lr {record['lr']:.2e}  {record['images_per_s']:.0f} img/s{at}  "
                 f"{format_time(record['elapsed_s'])}{left}")
+            problem = None
             if is_main:
-                ckpt = checkpoint(step)
-                save_checkpoint(ckpt, args.out)
                 try:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                except OSError as e:              # a disk that filled up after the checkpoint
-                    raise CheckpointError(f"could not write {metrics_path} ({e.strerror}); {args.out} "
-                                          f"was saved and resumes the run") from None
-                if eval_acc > best_acc:    # the best model so far is kept apart from the last
-                    save_checkpoint(ckpt, best_path)
+                    ckpt = checkpoint(step)
+                    save_checkpoint(ckpt, args.out)
+                    try:
+                        with open(metrics_path, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    except OSError as e:          # a disk that filled up after the checkpoint
+                        raise CheckpointError(f"could not write {metrics_path} ({e.strerror}); "
+                                              f"{args.out} was saved and resumes the run") from None
+                    if eval_acc > best_acc:       # the best model so far is kept apart from the last
+                        save_checkpoint(ckpt, best_path)
+                except CheckpointError as e:
+                    problem = e
+            if first_process_failed(problem, device):   # (a full disk): all stop, the first says why
+                if problem is None:
+                    return 1
+                raise problem
             ctx["saved_at"] = time.time()
             if stopped:                                  # the signal came with the epoch's last step
                 return stopped_by(ctx, step, args.out, say)
