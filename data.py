@@ -163,6 +163,7 @@ def _image_folder(root, image_size):
     classes = _class_folders(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class sub-folders (expected {train_dir}/<class>/<image>)")
+    _two_classes_at_least(train_dir, classes)
     # Test images of a class the model never trained on could only be counted wrong, or, as the
     # labels come from train/'s folders, be left out unseen: either way the accuracy would mislead.
     unknown = sorted(set(_class_folders(test_dir)) - set(classes))
@@ -191,6 +192,7 @@ def _split_class_folders(root, image_size):
     same images, on any machine and torch version, and adding images to the folder moves none of
     the others from training to test (a model trained before would be tested on what it learned)."""
     classes = _class_folders(root)
+    _two_classes_at_least(root, classes)
     names, labels = _list_images(root, classes, every_class=True)
     everything, left_out = _read_folder(root, names, labels, image_size)
     left_out_set = set(left_out)
@@ -209,6 +211,14 @@ def _split_class_folders(root, image_size):
     notes = [f"{root} has no train/ and test/ folders: about {TEST_SHARE:.0%} of each class held out "
              f"to test on", _left_out_note(root, left_out)]
     return pick(~test), pick(test), classes, [n for n in notes if n]
+
+
+def _two_classes_at_least(where, classes):
+    # With one class every answer is right: the loss is 0 from the first step and the accuracy
+    # 100%, a run that looks perfect and learns nothing.
+    if len(classes) == 1:
+        raise DataError(f"{where} has one class folder ({classes[0]}), and a classifier learns to tell "
+                        f"classes apart: give it a folder of images for each of two or more classes")
 
 
 def _class_folders(split_dir):

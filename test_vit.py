@@ -262,8 +262,15 @@ class TestData(unittest.TestCase):
             alone = datasets.load_data("folder", root, image_size=8)
             self.assertEqual(alone.train.labels.tolist().count(0), 1)
             self.assertEqual(alone.test.labels.tolist(), [1, 1, 1])
-            shutil.rmtree(f"{root}/bee")
+            for f in os.listdir(f"{root}/bee"):
+                if f != "1.png":                          # bee/1.png is not in the first tenth
+                    os.remove(f"{root}/bee/{f}")
             with self.assertRaisesRegex(datasets.DataError, "too few images to hold out about 10%"):
+                datasets.load_data("folder", root, image_size=8)
+            # One class alone: every answer right, 100% from the first step, nothing learned.
+            shutil.rmtree(f"{root}/bee")
+            with self.assertRaisesRegex(datasets.DataError, "has one class folder \\(ant\\), and a "
+                                                            "classifier learns to tell classes apart"):
                 datasets.load_data("folder", root, image_size=8)
 
     def test_large_images_are_shrunk_as_they_are_read(self):
@@ -359,6 +366,10 @@ class TestData(unittest.TestCase):
                 datasets.load_data("folder", root)
             os.makedirs(f"{root}/train/a")
             os.makedirs(f"{root}/test/a")
+            with self.assertRaisesRegex(datasets.DataError, "train has one class folder \\(a\\)"):
+                datasets.load_data("folder", root)    # nothing to tell apart
+            os.makedirs(f"{root}/train/c")
+            Image.new("RGB", (8, 8)).save(f"{root}/train/c/0.png")
             with self.assertRaisesRegex(datasets.DataError, "train/a holds no images"):
                 datasets.load_data("folder", root)    # a class with nothing to learn from
             os.makedirs(f"{root}/test/b")           # a test class that training never sees
