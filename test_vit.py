@@ -674,6 +674,10 @@ class TestTraining(unittest.TestCase):
                      (("--min-lr", 0.1, "--lr", 1e-3), 2, "--min-lr 0.1 is above --lr 0.001")]
             for argv, want_code, words in cases:
                 with self.subTest(argv=argv):
+                    # (an --out of its own: a case that trained after all must not write model.pt
+                    # into the folder the tests run in)
+                    if "--out" not in argv:
+                        argv = (*argv, "--out", os.path.join(tmp, "m.pt"))
                     code, out = run_train("--dataset", "fake", "--epochs", 1, *argv)
                     self.assertEqual(code, want_code, out)
                     self.assertIn(words, out)
