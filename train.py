@@ -842,8 +842,11 @@ def first_process_failed(problem, device):
     """Did the first process, the one that writes the files, fail with `problem` (an exception it
     caught, or None)? Asked of every process, so that all stop together: otherwise the others would
     train on into their next exchange with it, and fail there with a traceback from gloo or NCCL
-    below its one sentence."""
-    return reduce_sum(torch.tensor(float(problem is not None), device=device)).item() > 0
+    below its one sentence. The first process raises its problem here, once the others have heard."""
+    failed = reduce_sum(torch.tensor(float(problem is not None), device=device)).item() > 0
+    if problem is not None:
+        raise problem
+    return failed
 
 
 def reduce_sum(t):
@@ -1178,9 +1181,7 @@ def run(args, given):
         except CheckpointError as e:
             problem = e
     if first_process_failed(problem, device):
-        if problem is None:
-            return 1                           # the first process says why
-        raise problem
+        return 1                               # the first process has said why
     previous_handlers = ctx["stop"].install()
     try:
         best_acc = max((h["eval_acc"] for h in history), default=-1.0)
@@ -1243,9 +1244,7 @@ def run(args, given):
                 except CheckpointError as e:
                     problem = e
             if first_process_failed(problem, device):   # (a full disk): all stop, the first says why
-                if problem is None:
-                    return 1
-                raise problem
+                return 1
             ctx["saved_at"] = time.time()
             if stopped:                                  # the signal came with the epoch's last step
                 return stopped_by(ctx, step, args.out, say)
