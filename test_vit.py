@@ -919,6 +919,23 @@ class TestReliability(unittest.TestCase):
             self.assertIn(f"could not save {out} ([enforce fail", log)
             self.assertNotIn("Traceback", log)
             self.assertEqual(os.listdir(tmp), ["m.metrics.jsonl"])   # no half-written m.pt.tmp
+            # A part-way save (--save-every) that fails is only a warning: the disk may have room
+            # again by the epoch's end, whose save is the one that must not fail.
+            calls = []
+
+            def full_once(obj, f, *args, **kwargs):
+                calls.append(1)
+                return full_disk(obj, f) if len(calls) == 1 else real(obj, f, *args, **kwargs)
+            torch.save = full_once
+            try:
+                code, log = run_train(*self.SMALL, "--epochs", 1, "--out", out, "--save-every", 1e-6)
+            finally:
+                torch.save = real
+            self.assertEqual(code, 0, log)
+            self.assertIn("warning: could not save", log)
+            self.assertIn("training goes on", log)
+            self.assertGreater(len(calls), 2)                  # it saved again after the warning
+            self.assertEqual(torch.load(out, weights_only=True)["metrics"][-1]["epoch"], 1)
 
     def test_long_evaluation_shows_progress(self):
         # In a log file (not a terminal) a line a minute: a fine-tuned ViT-B/16 evaluates for

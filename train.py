@@ -623,6 +623,11 @@ class Progress:
         line = f"{self.prefix} [{done:>{len(str(self.total))}}/{self.total}] {text_fn()} eta {eta:4.0f}s"
         print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", flush=True)
 
+    def say(self, text):
+        """A line of its own; the progress line comes back at the next update."""
+        self.close()
+        print(text, flush=True)
+
     def close(self):
         if self.enabled and self.tty:
             print("\r\033[K", end="", flush=True)
@@ -771,7 +776,14 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
         # A long epoch, saved part-way (--save-every); not after its last step, which the end of
         # the epoch saves with its evaluation (a part-way save there would resume past it).
         if ctx["save_part"] and i + 1 < end and time.time() - ctx["saved_at"] >= ctx["save_every"]:
-            ctx["save_part"](step, sums)
+            try:
+                ctx["save_part"](step, sums)
+            except CheckpointError as e:
+                # Only a safety copy failed (a full disk, say): nothing is lost yet, so train on and
+                # give the user until the epoch's end, whose save stops the run if it fails too.
+                # Stopping here would also leave the other torchrun processes to fail in gloo.
+                progress.say(f"warning: {e}; training goes on, and the end of this epoch saves "
+                             f"again (the run stops there if that fails too)")
             ctx["saved_at"] = time.time()
     progress.close()
     return step, sums, ctx["stop"].signal is not None
