@@ -1339,11 +1339,18 @@ class TestRealSignals(unittest.TestCase):
         # One thread each: two processes of two threads on two cores wait on each other's threads
         # (here the first epoch's line came after 31 s instead of 4).
         env = dict(os.environ, OMP_NUM_THREADS="1")
+
+        def as_from_a_terminal():
+            # A script's background job (`python -m unittest &`) starts with SIGINT ignored, and a
+            # run keeps a signal it was started ignoring (StopRequest.install), so Ctrl-C would
+            # never arrive. A terminal's foreground process has the default handlers.
+            for s in train.STOP_SIGNALS:
+                signal.signal(s, signal.SIG_DFL)
         # With a loader process, as on a GPU: a terminal's Ctrl-C reaches every process of the
         # foreground group, the loader's too, which had printed the message again for itself.
         cls.ctrl_c = subprocess.Popen(argv + ["--workers", "1", "--out", f"{cls.tmp.name}/c.pt"], cwd=HERE,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=as_from_a_terminal)
         cls.hangup = None
         if hasattr(signal, "SIGHUP"):
             # An ssh connection drops, or the terminal window is closed: the process gets SIGHUP,
@@ -1352,7 +1359,8 @@ class TestRealSignals(unittest.TestCase):
             import pty
             cls.terminal, tty = pty.openpty()
             cls.hangup = subprocess.Popen(argv + ["--out", f"{cls.tmp.name}/h.pt"], cwd=HERE, env=env,
-                                          stdout=tty, stderr=tty, start_new_session=True)
+                                          stdout=tty, stderr=tty, start_new_session=True,
+                                          preexec_fn=as_from_a_terminal)
             os.close(tty)
 
     @classmethod
