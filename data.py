@@ -172,7 +172,7 @@ def _image_folder(root, image_size):
                         f"the model can only learn the classes it trains on")
     train, train_out = _read_folder(train_dir, *_list_images(train_dir, classes, every_class=True), image_size)
     test, test_out = _read_folder(test_dir, *_list_images(test_dir, classes), image_size)
-    notes = [_left_out_note(train_dir, train_out), _left_out_note(test_dir, test_out)]
+    notes = [left_out_note(train_dir, train_out), left_out_note(test_dir, test_out)]
     return train, test, classes, [n for n in notes if n]
 
 
@@ -209,7 +209,7 @@ def _split_class_folders(root, image_size):
                         f"classes); add images, or split them into train/<class>/ and test/<class>/")
     pick = lambda keep: Split(everything.images[keep], everything.labels[keep])
     notes = [f"{root} has no train/ and test/ folders: about {TEST_SHARE:.0%} of each class held out "
-             f"to test on", _left_out_note(root, left_out)]
+             f"to test on", left_out_note(root, left_out)]
     return pick(~test), pick(test), classes, [n for n in notes if n]
 
 
@@ -295,12 +295,13 @@ def _read_folder(split_dir, names, labels, image_size):
     return split, left_out
 
 
-def _left_out_note(split_dir, left_out):
+def left_out_note(where, left_out):
+    """The line naming the files of `where` (a folder, or "") that no decoder could read; "" if none."""
     if not left_out:
         return ""
     shown = ", ".join(left_out[:3]) + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
-    return (f"left out {len(left_out)} file(s) in {split_dir} that no decoder could read ({shown}); "
-            f"replace or delete them, and this line goes")
+    return (f"left out {len(left_out)} file(s){f' in {where}' if where else ''} that no decoder could "
+            f"read ({shown}); replace or delete them, and this line goes")
 
 
 def with_progress(items, what, total, size=1):

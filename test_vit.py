@@ -1956,7 +1956,8 @@ class TestVisualize(unittest.TestCase):
                 self.assertEqual(visualize.main(["--ckpt", ckpt, "--images", folder, "--only", "predictions"]), 0)
             printed = [line.split(":")[0] for line in out.getvalue().splitlines() if "%" in line]
             self.assertEqual(printed, [os.path.join(folder, "a.jpg"), os.path.join(folder, "b.png")])
-            self.assertIn(f"left out 1 file(s) that no decoder could read: {broken}\n", out.getvalue())
+            self.assertIn(f"left out 1 file(s) that no decoder could read ({broken}); replace or delete "
+                          f"them, and this line goes\n", out.getvalue())
             only_broken = os.path.join(tmp, "broken")          # nothing readable: that is the error
             os.makedirs(only_broken)
             shutil.move(broken, only_broken)

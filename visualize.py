@@ -721,8 +721,7 @@ def run(args):
         if not read:
             raise error                    # none could be read
         if bad:
-            print(f"left out {len(bad)} file(s) that no decoder could read: {', '.join(bad[:3])}"
-                  f"{' ...' if len(bad) > 3 else ''}")
+            print(datasets.left_out_note("", bad))
             left_out = set(bad)
             args.images = [p for p in args.images if p not in left_out]
         every = torch.stack(read)                                        # (N, C, H, W)
