@@ -709,10 +709,11 @@ def run(args):
     if args.images:
         # Any size and mode in; RGB at the model's input size out (the model could take no other).
         reads = datasets.with_progress(args.images, "reading your images", len(args.images))
-        read, bad = [], []
+        read, kept, bad = [], [], []
         for p in reads:
             try:
                 read.append(v2.functional.resize(datasets.read_image(p), list(cfg.input_size), antialias=True))
+                kept.append(p)
             except DataError as e:
                 if p in given:             # a file you named: an error
                     raise
@@ -722,8 +723,7 @@ def run(args):
             raise error                    # none could be read
         if bad:
             print(datasets.left_out_note("", bad))
-            left_out = set(bad)
-            args.images = [p for p in args.images if p not in left_out]
+        args.images = kept                 # the paths of the images read, for the printed classes
         every = torch.stack(read)                                        # (N, C, H, W)
         images, labels = every[:64], None                                # the ones drawn
     else:
