@@ -1181,13 +1181,22 @@ class TestReliability(unittest.TestCase):
             common = [*map(str, self.SMALL), "--epochs", "1", "--crop-padding", "0", "--flip", "none",
                       "--device", "cpu", "--attn-init", "random", "--patch-init", "random", "--lr", "2e-3"]
             env = dict(os.environ, OMP_NUM_THREADS="1")
-            two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  "--nproc_per_node=2", "train.py", *common, "--out", f"{tmp}/two.pt"],
-                                 cwd=HERE, capture_output=True, text=True, env=env, timeout=120)
-            self.assertEqual(two.returncode, 0, two.stdout + two.stderr)
-            self.assertIn("2 process(es), global batch 50", two.stdout)
-            self.assertIn("weights identical in all 2 processes", two.stdout)
-            self.assertEqual(two.stdout.count("epoch   1/1"), 1)            # only rank 0 prints
+            launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc_per_node=2", "train.py", *common, "--out", f"{tmp}/two.pt"],
+                                      cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=env)
+            try:
+                stdout, stderr = launch.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                # SIGTERM, which torchrun passes on to its processes; the SIGKILL of a timeout
+                # ends torchrun alone and had left a hung process behind, training or not
+                launch.terminate()
+                launch.communicate(timeout=60)
+                raise
+            self.assertEqual(launch.returncode, 0, stdout + stderr)
+            self.assertIn("2 process(es), global batch 50", stdout)
+            self.assertIn("weights identical in all 2 processes", stdout)
+            self.assertEqual(stdout.count("epoch   1/1"), 1)                # only rank 0 prints
             code, log = run_train(*common, "--out", f"{tmp}/one.pt")
             self.assertEqual(code, 0, log)
             one, two = torch.load(f"{tmp}/one.pt", weights_only=True), torch.load(f"{tmp}/two.pt", weights_only=True)
