@@ -1180,7 +1180,9 @@ class TestReliability(unittest.TestCase):
             # And the learning rate the tolerances below were set at: the rounding grows with the step.
             common = [*map(str, self.SMALL), "--epochs", "1", "--crop-padding", "0", "--flip", "none",
                       "--device", "cpu", "--attn-init", "random", "--patch-init", "random", "--lr", "2e-3"]
-            env = dict(os.environ, OMP_NUM_THREADS="1")
+            # TMPDIR: torchrun leaves a folder of its own (torchelastic_*) in the temporary folder
+            # at every launch; in this test's folder it goes when the test ends.
+            env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=tmp)
             launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                        "--nproc_per_node=2", "train.py", *common, "--out", f"{tmp}/two.pt"],
                                       cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
