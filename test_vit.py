@@ -72,6 +72,9 @@ class TestModel(unittest.TestCase):
         logits, maps = model(torch.randn(2, 3, 8, 16), return_attention=True)
         self.assertEqual(logits.shape, (2, 10))
         self.assertEqual(maps[0].shape, (2, 4, 8, 8))          # 2x4 grid, no class token
+        # The tokens in (B, N, D) order in memory, which the residual stream's sums keep: in the
+        # conv's transposed layout each LayerNorm would copy them again (vit.py, ViT.embed).
+        self.assertTrue(model.embed(torch.randn(2, 3, 8, 16)).is_contiguous())
 
     def test_attention_rows_sum_to_one(self):
         model = ViT(ViTConfig(**TINY)).eval()

@@ -135,9 +135,12 @@ class Attention(nn.Module):
     def forward(self, x, return_attention=False):
         B, N, D = x.shape
         d = D // self.heads
-        # Head i owns features [i*d, (i+1)*d) of q, k and v.
+        # Head i owns features [i*d, (i+1)*d) of q, k and v. Split q, k and v first, then move the
+        # heads forward: both orders give the same views, but in the backward pass this one stacks
+        # the three gradients straight into qkv's layout, where the other order stacks them and then
+        # copies the result into that layout once more.
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, d)      # (B, N, 3, h, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)          # 3 x (B, h, N, d)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))   # 3 x (B, h, N, d)
         drop = self.attn_dropout if self.training else 0.0
         if return_attention:
             # The explicit path: softmax(q k^T / sqrt(d)) v, keeping the (N, N) weights to look at.
@@ -300,7 +303,12 @@ class ViT(nn.Module):
             # first epochs on smaller ones): the same learned embeddings, resized to this grid as
             # Sec. 3.2 does for fine-tuning. The resize is differentiable, so they keep learning.
             pos = resize_pos_embed(pos, self.cfg.grid, x.shape[-2:], self.cls_token is not None)
-        x = x.flatten(2).transpose(1, 2)                 # (B, G_h*G_w, D): row by row, left to right
+        # The transpose only relabels the conv output's axes; .contiguous() copies the tokens into
+        # (B, N, D) order once, here. Without it (and without a class token, whose concatenation
+        # copies anyway), the sums that follow would keep that transposed layout all the way up the
+        # residual stream, and every LayerNorm, forward and backward, would copy its input into order
+        # again: 26 copies a training step at the default model's depth.
+        x = x.flatten(2).transpose(1, 2).contiguous()    # (B, G_h*G_w, D): row by row, left to right
         if self.cls_token is not None:
             cls = self.cls_token.expand(x.shape[0], -1, -1)   # (B, 1, D)
             x = torch.cat([cls, x], dim=1)               # (B, N, D), class token at index 0
