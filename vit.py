@@ -135,10 +135,10 @@ class Attention(nn.Module):
     def forward(self, x, return_attention=False):
         B, N, D = x.shape
         d = D // self.heads
-        # Head i owns features [i*d, (i+1)*d) of q, k and v. Split q, k and v first, then move the
-        # heads forward: both orders give the same views, but in the backward pass this one stacks
-        # the three gradients straight into qkv's layout, where the other order stacks them and then
-        # copies the result into that layout once more.
+        # Head i owns features [i*d, (i+1)*d) of q, k and v. The often-seen
+        # qkv.permute(2, 0, 3, 1, 4).unbind(0) gives the same three views, but its backward pass
+        # stacks their gradients and then copies the stack into qkv's layout; splitting q, k and v
+        # first, then moving the heads forward, stacks the gradients straight into that layout.
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, d)      # (B, N, 3, h, d)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))   # 3 x (B, h, N, d)
         drop = self.attn_dropout if self.training else 0.0
