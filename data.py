@@ -300,8 +300,9 @@ def left_out_note(where, left_out):
     if not left_out:
         return ""
     shown = ", ".join(left_out[:3]) + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else "")
-    return (f"left out {len(left_out)} file(s){f' in {where}' if where else ''} that no decoder could "
-            f"read ({shown}); replace or delete them, and this line goes")
+    place = f" in {where}" if where else ""
+    return (f"left out {len(left_out)} file(s){place} that no decoder could read ({shown}); "
+            f"replace or delete them, and this line goes")
 
 
 def with_progress(items, what, total, size=1):

@@ -1197,7 +1197,7 @@ def run(args, given):
         except CheckpointError as e:
             problem = e
     if first_process_failed(problem, device):
-        return 1                               # the first process has said why
+        return 1                               # the others; the first raised its problem inside
     previous_handlers = ctx["stop"].install()
     try:
         best_acc = max((h["eval_acc"] for h in history), default=-1.0)
@@ -1259,8 +1259,8 @@ def run(args, given):
                         save_checkpoint(ckpt, best_path)
                 except CheckpointError as e:
                     problem = e
-            if first_process_failed(problem, device):   # (a full disk): all stop, the first says why
-                return 1
+            if first_process_failed(problem, device):   # (a full disk): all stop together
+                return 1                                 # the others; the first raised inside
             ctx["saved_at"] = time.time()
             if stopped:                                  # the signal came with the epoch's last step
                 return stopped_by(ctx, step, args.out, say)
