@@ -754,6 +754,44 @@ class TestReliability(unittest.TestCase):
             with open(a, "rb") as f:
                 self.assertEqual(f.read(), before)
 
+    def _stopped_resumed_and_read_on_the_cpu(self, device):
+        """Every recipe piece, mixed precision and loader processes on `device`, a run stopped
+        part-way into epoch 2 and resumed, then read back by --eval-only on the CPU. On a GPU this
+        is where a tensor on the wrong device breaks a run: the saved random state, the optimizers'
+        and the EMA's state, the epoch's running sums, the gradient scaler, the checkpoint itself."""
+        real = train.stop_requested
+
+        def stop_at_6(ctx, step):              # epoch 2 of 4 steps each, part-way
+            if step == 6:
+                ctx["stop"].signal = "SIGINT"
+            return real(ctx, step)
+        recipe = ("--augment", "trivialaugment", "--mixup", 0.8, "--cutmix", 1.0, "--random-erasing", 0.25,
+                  "--repeat-aug", 2, "--drop-path", 0.1, "--ema", 0.9, "--workers", 2, "--device", device)
+        with tempfile.TemporaryDirectory() as tmp, fake_images(200):
+            for precision in ("bf16", "fp16"):      # fp16 with loss scaling
+                out = os.path.join(tmp, f"{precision}.pt")
+                with unittest.mock.patch.object(train, "stop_requested", stop_at_6):
+                    code, log = run_train(*self.SMALL, *recipe, "--precision", precision, "--epochs", 2,
+                                          "--out", out)
+                self.assertEqual(code, 128 + signal.SIGINT, log)
+                self.assertEqual(torch.load(out, weights_only=True, map_location="cpu")["step"], 6)
+                code, log = run_train("--resume", out)
+                self.assertEqual(code, 0, log)
+                self.assertIn(f"device {device}", log)
+                ckpt = train.load_checkpoint(out)
+                self.assertEqual([m["epoch"] for m in ckpt["metrics"]], [1, 2])
+                self.assertTrue(all(math.isfinite(m["train_loss"]) for m in ckpt["metrics"]), log)
+                code, log = run_train("--eval-only", "--ckpt", out, "--device", "cpu")
+                self.assertEqual(code, 0, log)
+                self.assertIn("test accuracy", log.strip().splitlines()[-1])
+
+    def test_a_run_with_every_recipe_piece_resumes(self):
+        self._stopped_resumed_and_read_on_the_cpu("cpu")
+
+    @unittest.skipUnless(torch.cuda.is_available(), "no CUDA GPU")
+    def test_a_gpu_run_resumes_and_reads_back_on_the_cpu(self):
+        self._stopped_resumed_and_read_on_the_cpu("cuda")
+
     def test_a_long_epoch_is_saved_part_way(self):
         real = train.stop_requested
 
