@@ -477,7 +477,9 @@ def channel_stats(images):
         mean = (count * value).sum() / n
         var = (count * (value - mean) ** 2).sum() / (n - 1)
         means.append(round(mean.item(), 4))
-        stds.append(round(var.sqrt().item(), 4))
+        # A channel that never changes (images drawn in pure red, say) has std 0, and dividing by
+        # it turned every pixel into NaN at the first step. One grey level (1/255) is the floor.
+        stds.append(round(max(var.sqrt().item(), 1 / 255), 4))
     return tuple(means), tuple(stds)
 
 

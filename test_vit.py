@@ -471,6 +471,12 @@ class TestData(unittest.TestCase):
         self.assertEqual(x.dtype, torch.float32)
         self.assertAlmostEqual(x.mean().item(), 0.0, delta=0.01)
         self.assertEqual(datasets.normalize(images, mean, std, size=(12, 12)).shape, (4, 3, 12, 12))
+        # A channel that never changes: std 0 made every pixel NaN (0 / 0), and the run stopped at
+        # its first step with "the loss became nan".
+        images[:, 1] = 30
+        mean, std = datasets.channel_stats(images)
+        self.assertEqual((mean[1], std[1]), (round(30 / 255, 4), round(1 / 255, 4)))
+        self.assertTrue(datasets.normalize(images, mean, std).isfinite().all())
 
 
 class TestTraining(unittest.TestCase):
