@@ -148,7 +148,8 @@ def _torchvision_cifar(name, data_dir):
 
 def _image_folder(root, image_size):
     if not os.path.isdir(root):
-        raise DataError(f"--data-dir {root} does not exist; for --dataset folder it must hold train/ "
+        what = "is a file, not a folder" if os.path.exists(root) else "does not exist"
+        raise DataError(f"--data-dir {root} {what}; for --dataset folder it must hold train/ "
                         f"and test/ (or val/) folders with one sub-folder of images per class, or only "
                         f"the class folders")
     train_dir = os.path.join(root, "train")

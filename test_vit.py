@@ -398,6 +398,8 @@ class TestData(unittest.TestCase):
                 datasets.load_data("cifar10", root)
         with self.assertRaisesRegex(datasets.DataError, "does not exist"):
             datasets.load_data("folder", "/no/such/folder")
+        with self.assertRaisesRegex(datasets.DataError, "test_vit.py is a file, not a folder"):
+            datasets.load_data("folder", os.path.join(HERE, "test_vit.py"))
 
     def test_cifar_as_torchvision_stores_it(self):
         # The used-by command's own data: torchvision's CIFAR files (pickled rows of 3072 bytes,
@@ -669,6 +671,7 @@ class TestTraining(unittest.TestCase):
                      (("--dataset", "imagenet22k"), 1, "unknown dataset"),
                      (("--eval-only",), 2, "needs --ckpt"),
                      (("--eval-only", "--ckpt", os.path.join(tmp, "none.pt")), 1, "does not exist"),
+                     (("--eval-only", "--ckpt", tmp), 1, "is a folder; name the .pt file in it"),
                      (("--eval-only", "--ckpt", junk), 1, "is not a checkpoint: torch.save writes a zip"),
                      (("--out", os.path.join(junk, "m.pt")), 2, "can't make the folder"),   # a file there
                      # an empty --out (a script's unset variable) trained an epoch, then failed to save

@@ -268,6 +268,8 @@ def save_checkpoint(ckpt, path):
 
 
 def load_checkpoint(path):
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; name the .pt file in it")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist (train one with python train.py)")
     if not zipfile.is_zipfile(path):          # torch.save writes a zip archive
