@@ -1000,6 +1000,7 @@ class TestReliability(unittest.TestCase):
             with open(out, "rb") as f:
                 self.assertEqual(f.read(), before)
 
+    @fake_images(200)
     def test_best_checkpoint_and_patience(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "m.pt")
@@ -1022,6 +1023,7 @@ class TestReliability(unittest.TestCase):
             with open(os.path.join(tmp, "b.metrics.jsonl")) as f:
                 self.assertEqual([json.loads(line)["epoch"] for line in f], [1, 2, 3])
 
+    @fake_images(200)
     def test_a_new_run_keeps_the_earlier_one_and_resume_writes_where_it_read(self):
         def read(name):
             with open(os.path.join(tmp, name), "rb") as f:
@@ -1487,11 +1489,11 @@ class TestRecipe(unittest.TestCase):
     def test_a_warmup_longer_than_the_run_is_noted(self):
         # cifar10-best's 10 epochs of warmup in a 1-epoch try: the rate climbs to half its peak and
         # stops there, which the run now says instead of leaving it to be found in the log.
-        weights, log = self.train_weights("--warmup-epochs", 2, "--lr", 6e-3)
+        weights, log = self.train_weights("--warmup-epochs", 2, "--lr", 6e-3, images=200)
         self.assertIn("note: the warmup (--warmup-epochs 2) is longer than the run (1 epoch(s)), so the "
                       "learning rate only rises and never reaches 6.00e-03", log)
         self.assertAlmostEqual(weights["metrics"][-1]["lr"], 3e-3, places=6)     # half-way up
-        _, log = self.train_weights("--warmup-epochs", 1)    # the default: the peak at the last step
+        _, log = self.train_weights("--warmup-epochs", 1, images=200)   # the default: the peak at the last step
         self.assertNotIn("note: the warmup", log)
 
     def test_loader_workers_follow_the_per_image_work(self):
