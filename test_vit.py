@@ -783,7 +783,7 @@ class TestReliability(unittest.TestCase):
                     code, log = run_train(*self.SMALL, *recipe, "--precision", precision, "--epochs", 2,
                                           "--out", out)
                 self.assertEqual(code, 128 + signal.SIGINT, log)
-                self.assertEqual(torch.load(out, weights_only=True, map_location="cpu")["step"], 6)
+                self.assertEqual(train.load_checkpoint(out)["step"], 6)
                 code, log = run_train("--resume", out)
                 self.assertEqual(code, 0, log)
                 self.assertIn(f"device {device}", log)
@@ -1480,7 +1480,9 @@ class TestRecipe(unittest.TestCase):
     """Each recipe flag changes what it should: a flag that silently does nothing is a bug."""
     SMALL = ("--dataset", "fake", "--batch-size", 50, "--epochs", 1, "--dim", 32, "--depth", 2, "--heads", 2)
 
-    def train_weights(self, *flags, images=1000):
+    def train_weights(self, *flags, images=200):
+        # 200 fake images, not 1000 (fake_images): these tests ask whether a flag acts, not how far
+        # the training goes.
         with tempfile.TemporaryDirectory() as tmp, fake_images(images):
             code, log = run_train(*self.SMALL, *flags, "--out", f"{tmp}/m.pt")
             self.assertEqual(code, 0, log)
@@ -1489,11 +1491,11 @@ class TestRecipe(unittest.TestCase):
     def test_a_warmup_longer_than_the_run_is_noted(self):
         # cifar10-best's 10 epochs of warmup in a 1-epoch try: the rate climbs to half its peak and
         # stops there, which the run now says instead of leaving it to be found in the log.
-        weights, log = self.train_weights("--warmup-epochs", 2, "--lr", 6e-3, images=200)
+        weights, log = self.train_weights("--warmup-epochs", 2, "--lr", 6e-3)
         self.assertIn("note: the warmup (--warmup-epochs 2) is longer than the run (1 epoch(s)), so the "
                       "learning rate only rises and never reaches 6.00e-03", log)
         self.assertAlmostEqual(weights["metrics"][-1]["lr"], 3e-3, places=6)     # half-way up
-        _, log = self.train_weights("--warmup-epochs", 1, images=200)   # the default: the peak at the last step
+        _, log = self.train_weights("--warmup-epochs", 1)   # the default: the peak at the last step
         self.assertNotIn("note: the warmup", log)
 
     def test_loader_workers_follow_the_per_image_work(self):
@@ -1511,9 +1513,9 @@ class TestRecipe(unittest.TestCase):
     def test_precision_flag_changes_the_arithmetic(self):
         # On a GPU --precision auto means bf16 (or fp16 with loss scaling); both run on a CPU too,
         # so the path a GPU takes is tested here: autocast changes the sums, and only fp16 scales.
-        fp32, _ = self.train_weights("--precision", "fp32", images=200)
+        fp32, _ = self.train_weights("--precision", "fp32")
         for name in ("bf16", "fp16"):
-            ckpt, log = self.train_weights("--precision", name, images=200)
+            ckpt, log = self.train_weights("--precision", name)
             self.assertIn(f"precision {train.pick_precision(name, torch.device('cpu'))}", log)
             w, w32 = ckpt["model"]["blocks.0.attn.qkv.weight"], fp32["model"]["blocks.0.attn.qkv.weight"]
             self.assertFalse(torch.equal(w, w32), name)
@@ -1603,7 +1605,7 @@ class TestRecipe(unittest.TestCase):
     def test_training_flags_change_the_weights(self):
         # At 16x16 (16 patches) the 18 runs take half the time, and each flag acts as at 32x32.
         plain = ("--image-size", 16, "--crop-padding", 0, "--flip", "none")
-        base, _ = self.train_weights(*plain, images=200)
+        base, _ = self.train_weights(*plain)
         for flags in (("--mixup", 0.8), ("--cutmix", 1.0), ("--augment", "randaugment"),
                       ("--random-erasing", 0.5), ("--repeat-aug", 3), ("--label-smoothing", 0.3),
                       ("--drop-path", 0.2), ("--weight-decay", 0.5), ("--dropout", 0.2),
@@ -1611,7 +1613,7 @@ class TestRecipe(unittest.TestCase):
                       ("--attn-init", "random"), ("--low-res", 8, "--low-res-epochs", 1),
                       ("--optimizer", "adamw"), ("--flip", "alternate"), ("--flip", "random")):
             with self.subTest(flags=flags):
-                ckpt, _ = self.train_weights(*plain, *flags, images=200)
+                ckpt, _ = self.train_weights(*plain, *flags)
                 diff = (ckpt["model"]["blocks.0.mlp.fc1.weight"] - base["model"]["blocks.0.mlp.fc1.weight"]).abs().max()
                 self.assertGreater(diff.item(), 1e-6, flags)
 
@@ -1629,7 +1631,7 @@ class TestRecipe(unittest.TestCase):
             seen.append((index.clone(), epoch, real(index, epoch, first)))
             return seen[-1][2]
         with unittest.mock.patch.object(datasets, "alternating_flips", recorder):
-            ckpt, log = self.train_weights("--epochs", 2)
+            ckpt, log = self.train_weights("--epochs", 2, images=1000)
         self.assertIn("alternate flips", log)                             # the default
         mirrored = [{}, {}]                                               # epoch -> {image: mirrored}
         for index, epoch, flip in seen:
@@ -1648,7 +1650,7 @@ class TestRecipe(unittest.TestCase):
         for flags, lr in [(("--batch-size", 32), 3e-3), (("--batch-size", 32, "--optimizer", "adamw"), 1e-3),
                           (("--batch-size", 128), 6e-3), (("--batch-size", 128, "--optimizer", "adamw"), 2e-3),
                           (("--lr", 5e-4), 5e-4)]:
-            ckpt, log = self.train_weights(*flags, images=200)
+            ckpt, log = self.train_weights(*flags)
             self.assertAlmostEqual(ckpt["args"]["lr"], lr, msg=flags)
             self.assertIn(f"peak lr {lr:.2e}", log)
 

@@ -1199,7 +1199,7 @@ def run(args, given):
         except CheckpointError as e:
             problem = e
     if first_process_failed(problem, device):
-        return 1                               # the others; the first raised its problem inside
+        return 1                               # only the other processes get here: the first raised
     previous_handlers = ctx["stop"].install()
     try:
         best_acc = max((h["eval_acc"] for h in history), default=-1.0)
@@ -1261,8 +1261,8 @@ def run(args, given):
                         save_checkpoint(ckpt, best_path)
                 except CheckpointError as e:
                     problem = e
-            if first_process_failed(problem, device):   # (a full disk): all stop together
-                return 1                                 # the others; the first raised inside
+            if first_process_failed(problem, device):   # (a full disk): all stop together; only
+                return 1                                 # the others get here, the first raised
             ctx["saved_at"] = time.time()
             if stopped:                                  # the signal came with the epoch's last step
                 return stopped_by(ctx, step, args.out, say)
