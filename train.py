@@ -8,9 +8,12 @@
     torchrun --nproc_per_node=4 train.py ...                       # several GPUs (or CPU processes)
 
 From scratch, the loop is the paper's pre-training recipe (Sec. 4.1, Appendix B.1) scaled down to
-CIFAR: linear warmup then cosine decay of the learning rate, updated every step; label smoothing;
-gradient clipping at global norm 1. One change, measured: the blocks' weight matrices learn with
-Muon instead of the paper's AdamW (`Muon` below; --optimizer adamw gives the paper's back).
+CIFAR: linear warmup of the learning rate, updated every step; label smoothing; gradient clipping at
+global norm 1. The rate then decays along a cosine, where Sec. 4.1 names a linear decay (the
+paper's fine-tuning code uses the cosine); the two ended within a run's noise of each other here
+(results/README.md, "Muon's momentum, the decay, ..."). One change, measured: the blocks' weight
+matrices learn with Muon instead of the paper's AdamW (`Muon` below; --optimizer adamw gives the
+paper's back).
 Fine-tuning (--pretrained) follows the paper's fine-tuning recipe instead (SGD with momentum,
 Table 4). Each epoch writes `model.pt` (everything needed to rebuild the model or to continue
 training), keeps the best one as `model.best.pt`, and appends one JSON line to
@@ -480,7 +483,8 @@ def make_optimizer(model, lr, weight_decay, device, name="muon"):
 
     Weight decay pulls a weight towards 0. That regularises matrices, but a LayerNorm gain pulled to 0
     or a position embedding shrunk towards 0 only loses information, so vectors (norms, biases) and
-    the embeddings (class token, positions) are left alone, as in the paper's code and DeiT.
+    the embeddings (class token, positions) are left alone, as in big_vision (the later code of the
+    paper's authors, which decays only weight matrices) and DeiT.
     """
     hidden, qkv, decay, no_decay = [], [], [], []
     for pname, p in model.named_parameters():
