@@ -1845,6 +1845,11 @@ class TestRecipe(unittest.TestCase):
             rates, params = compare.step_rates(rounds=1, steps=1, batch=4)
         self.assertEqual(len(set(params.values())), 1, params)           # all four the same size
         self.assertTrue(all(r > 0 for r in rates.values()), rates)
+        # --pool mean: ours as cifar_tiny pools by default, without the class token and its position
+        # embedding (48 numbers each)
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, params = compare.step_rates(rounds=1, steps=1, batch=4, pool="mean")
+        self.assertEqual(params["tutorial, AdamW"] - params["ours, AdamW"], 2 * 48)
         # --shapes: our model at other shapes too, and a shape that can't be a ViT is a usage error
         self.assertEqual(compare.shape("64/6/2/3"), (64, 6, 2, 3.0))
         err = io.StringIO()

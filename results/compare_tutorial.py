@@ -6,10 +6,13 @@ one qkv Linear, softmax(Q K^T / sqrt(d)) V spelled out, GELU by its tanh formula
 decodes and augments each image with PIL in 2 loader workers.
 
     python results/compare_tutorial.py steps        # training steps: ours, the tutorial's, torchvision's
+    python results/compare_tutorial.py steps --pool mean    # ours classifying the mean token instead
     python results/compare_tutorial.py epoch --data-dir data/cifar10-jpeg    # the tutorial pipeline
 
 `steps` times training steps on one random batch of 32, the models taking turns in one process, and
-prints the median of the rounds, so that the machine's drift hits all of them alike. `epoch` runs
+prints the median of the rounds, so that the machine's drift hits all of them alike. Ours classifies
+a class token there, as the tutorial's does; `--pool mean` times it as cifar_tiny is by default,
+with the mean of 64 patch tokens and no 65th token. `epoch` runs
 the tutorial's whole pipeline (start, one epoch, a test evaluation); time ours beside it with
     time python train.py --dataset folder --data-dir data/cifar10-jpeg --epochs 1 --batch-size 32 \
         --dim 48 --depth 4 --heads 4 --mlp-ratio 4 --pool cls
@@ -101,13 +104,15 @@ class TutorialViT(nn.Module):
 # Training steps, side by side
 
 
-def step_rates(rounds=7, steps=40, batch=32, shapes=()):
+def step_rates(rounds=7, steps=40, batch=32, shapes=(), pool="cls"):
     """Median training images/s of each model over `rounds`, each round `steps` steps of each in turn.
 
     Every model gets the same step as train.py's default recipe would give it: label smoothing 0.1,
     gradient clipping at 1, then its optimizer. AdamW is the fused one for all; "ours" also runs
     with Muon, our default, whose orthogonalisation is extra work per step. `shapes` adds our model,
-    with Muon, at other shapes, each (dim, depth, heads, mlp_ratio).
+    with Muon, at other shapes, each (dim, depth, heads, mlp_ratio). `pool` is how "ours" classifies
+    at the tutorial's shape: "cls", a class token as the tutorial's (65 tokens), or "mean", the
+    mean token that cifar_tiny classifies by default (64 tokens).
     """
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -116,8 +121,8 @@ def step_rates(rounds=7, steps=40, batch=32, shapes=()):
     y = torch.randint(0, 10, (batch,))
     cpu = torch.device("cpu")
     models = {
-        "ours, AdamW": vit.build_model("cifar_tiny", **SHAPE),
-        "ours, Muon (default)": vit.build_model("cifar_tiny", **SHAPE),
+        "ours, AdamW": vit.build_model("cifar_tiny", **dict(SHAPE, pool=pool)),
+        "ours, Muon (default)": vit.build_model("cifar_tiny", **dict(SHAPE, pool=pool)),
         "tutorial, AdamW": TutorialViT(),
         "torchvision, AdamW": VisionTransformer(32, 4, num_layers=4, num_heads=4, hidden_dim=48,
                                                 mlp_dim=192, num_classes=10),
@@ -211,6 +216,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=40, help="steps: steps per model per round (default: 40)")
     parser.add_argument("--shapes", nargs="*", type=shape, default=[], metavar="D/L/H/M", help="steps: also time "
                         "our model with Muon at these shapes, width/depth/heads/MLP ratio (e.g. 64/6/2/3)")
+    parser.add_argument("--pool", choices=("cls", "mean"), default="cls", help="steps: ours classifies "
+                        "a class token, as the tutorial's does (cls, 65 tokens, the default), or the mean "
+                        "token, as cifar_tiny does by default (mean, 64 tokens)")
     parser.add_argument("--data-dir", default="data/cifar10-jpeg", help="epoch: an image folder with "
                         "train/ and test/ (default: data/cifar10-jpeg)")
     parser.add_argument("--epochs", type=int, default=1, help="epoch: how many (default: 1)")
@@ -219,7 +227,7 @@ def main(argv=None):
     if min(args.rounds, args.steps, args.epochs) < 1 or args.workers < 0:
         parser.error("--rounds, --steps and --epochs must be at least 1, --workers at least 0")
     if args.what == "steps":
-        rates, params = step_rates(args.rounds, args.steps, shapes=args.shapes)
+        rates, params = step_rates(args.rounds, args.steps, shapes=args.shapes, pool=args.pool)
         base = rates["tutorial, AdamW"]
         print(f"median of {args.rounds} rounds, batch 32, {torch.get_num_threads()} threads:")
         for name, rate in rates.items():
