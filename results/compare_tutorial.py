@@ -12,8 +12,8 @@ decodes and augments each image with PIL in 2 loader workers.
 `steps` times training steps on one random batch of 32, the models taking turns in one process, and
 prints the median of the rounds, so that the machine's drift hits all of them alike. Ours classifies
 a class token there, as the tutorial's does; `--pool mean` times it as cifar_tiny is by default,
-with the mean of 64 patch tokens and no 65th token. `epoch` runs
-the tutorial's whole pipeline (start, one epoch, a test evaluation); time ours beside it with
+with the mean of 64 patch tokens and no 65th token. `epoch` runs the tutorial's whole pipeline
+(start, one epoch, a test evaluation); time ours beside it with
     time python train.py --dataset folder --data-dir data/cifar10-jpeg --epochs 1 --batch-size 32 \
         --dim 48 --depth 4 --heads 4 --mlp-ratio 4 --pool cls
 
