@@ -168,13 +168,10 @@ class MLP(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        # The exact GELU, x * Phi(x) with Phi from erf, as torchvision (whose weights from_torchvision
-        # loads) and timm compute it. The paper's Flax code calls nn.gelu, whose default is the tanh
-        # approximation; the two differ by at most 4.7e-4 (at x = 2.7), so weights trained with either
-        # work with the other (a model trained with this one scored 79.32% with the tanh one, 79.31%
-        # with its own), but only the exact one reproduces torchvision's outputs digit for digit.
-        # PyTorch's tanh form is no faster either: 0.91x-1.11x this one's training steps/s, median
-        # 0.97x over eight runs (48 wide, 2 cores of an AMD EPYC; results/README.md, "Speed").
+        # The exact GELU, x * Phi(x) with Phi from erf, as torchvision and timm compute it, so that
+        # from_torchvision reproduces torchvision's outputs digit for digit. The paper's Flax code
+        # calls nn.gelu, whose default is the tanh approximation: at most 4.7e-4 away, and no faster
+        # here (a trained model scored the same with either; results/README.md, "Speed").
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 

@@ -120,9 +120,10 @@ def step_rates(rounds=7, steps=40, batch=32, shapes=(), pool="cls"):
     x = torch.randn(batch, 3, 32, 32)                                       # (B, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
     cpu = torch.device("cpu")
+    ours = dict(SHAPE, pool=pool)
     models = {
-        "ours, AdamW": vit.build_model("cifar_tiny", **dict(SHAPE, pool=pool)),
-        "ours, Muon (default)": vit.build_model("cifar_tiny", **dict(SHAPE, pool=pool)),
+        "ours, AdamW": vit.build_model("cifar_tiny", **ours),
+        "ours, Muon (default)": vit.build_model("cifar_tiny", **ours),
         "tutorial, AdamW": TutorialViT(),
         "torchvision, AdamW": VisionTransformer(32, 4, num_layers=4, num_heads=4, hidden_dim=48,
                                                 mlp_dim=192, num_classes=10),
