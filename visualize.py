@@ -128,6 +128,14 @@ def filter_components(patch_weight, k=28):
 # Drawing helpers (PIL)
 
 
+def trained_to(ckpt):
+    """How far the checkpoint's run got: "epoch 3", or, for one saved part-way into an epoch (Ctrl-C,
+    --save-every), "step 1170, part-way into epoch 1"."""
+    if "partial_epoch" in ckpt and "step" in ckpt:
+        return f"step {ckpt['step']}, part-way into epoch {ckpt.get('epoch', 0) + 1}"
+    return f"epoch {ckpt.get('epoch', '?')}"
+
+
 def font(size=12):
     try:
         return ImageFont.load_default(size=size)
@@ -737,7 +745,7 @@ def run(args):
     v = Visualizer(model, ckpt, images, labels, classes, mean, std, out, args,
                    many=None if args.images else many)
     print(f"{args.ckpt}: {cfg.depth} layers, {cfg.heads} heads, {cfg.grid[0]}x{cfg.grid[1]} patches, "
-          f"trained to epoch {ckpt.get('epoch', '?')} on {info.get('dataset', '?')}; pictures in {out}/")
+          f"trained to {trained_to(ckpt)} on {info.get('dataset', '?')}; pictures in {out}/")
     if not v.has_cls:
         print("this model pools the mean token and has no class token: attention pictures show the "
               "mean attention each patch receives instead")
