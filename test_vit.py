@@ -1914,7 +1914,7 @@ class TestVisualize(unittest.TestCase):
             self.assertIn(f"trained to epoch {torch.load(ckpt, weights_only=True)['epoch']} on fake", out.getvalue())
             # A checkpoint saved part-way into an epoch (Ctrl-C) is no "epoch 0" model.
             part = {"epoch": 0, "step": 1170, "partial_epoch": torch.zeros(3)}
-            self.assertEqual(visualize.trained_to(part), "step 1170, part-way into epoch 1")
+            self.assertEqual(train.trained_to(part), "step 1170, part-way into epoch 1")
             self.assertIn("the final mean token draws on", out.getvalue())        # rollout
             self.assertIn("of the attention each patch receives, averaged", out.getvalue())   # the gif
             folder = os.path.join(tmp, "m_vis")

@@ -295,6 +295,14 @@ def load_checkpoint(path):
     return ckpt
 
 
+def trained_to(ckpt):
+    """How far the checkpoint's run got: "epoch 3", or, for one saved part-way into an epoch (Ctrl-C,
+    --save-every), "step 1170, part-way into epoch 1"."""
+    if "partial_epoch" in ckpt and "step" in ckpt:
+        return f"step {ckpt['step']}, part-way into epoch {ckpt.get('epoch', 0) + 1}"
+    return f"epoch {ckpt.get('epoch', '?')}"
+
+
 def load_weights(model, state_dict, source="checkpoint"):
     """Load a state dict strictly, after removing the wrappers' prefixes; name any mismatch."""
     clean = {}
@@ -1533,7 +1541,7 @@ def run_eval_only(args, given):
                mean=info.get("mean", data.mean), std=info.get("std", data.std),
                autocast=autocast_for(device, amp_dtype), tta=args.tta)
     loss, acc = evaluate(model, data.test, ctx)
-    print(f"{args.ckpt}: {num_params(model) / 1e6:.2f}M parameters, trained to epoch {ckpt.get('epoch', '?')} "
+    print(f"{args.ckpt}: {num_params(model) / 1e6:.2f}M parameters, trained to {trained_to(ckpt)} "
           f"on {info.get('dataset', '?')}; evaluated on {len(data.test)} {dataset} test images "
           f"at {cfg.image_size}x{cfg.image_size}{', each with its mirror image (--tta)' if args.tta else ''}")
     print(f"test loss {loss:.4f}  test accuracy {100 * acc:.2f}%")

@@ -38,7 +38,8 @@ from torchvision.utils import make_grid
 
 import data as datasets
 from data import DataError
-from train import CheckpointError, checkpoint_data, load_checkpoint, model_from_checkpoint, pick_device
+from train import (CheckpointError, checkpoint_data, load_checkpoint, model_from_checkpoint, pick_device,
+                   trained_to)
 
 PICTURES = ("attention", "rollout", "figure7", "curves", "predictions", "cls_embeddings", "blocks",
             "augmentation")
@@ -126,14 +127,6 @@ def filter_components(patch_weight, k=28):
 
 # --------------------------------------------------------------------------------------------------
 # Drawing helpers (PIL)
-
-
-def trained_to(ckpt):
-    """How far the checkpoint's run got: "epoch 3", or, for one saved part-way into an epoch (Ctrl-C,
-    --save-every), "step 1170, part-way into epoch 1"."""
-    if "partial_epoch" in ckpt and "step" in ckpt:
-        return f"step {ckpt['step']}, part-way into epoch {ckpt.get('epoch', 0) + 1}"
-    return f"epoch {ckpt.get('epoch', '?')}"
 
 
 def font(size=12):
