@@ -634,7 +634,7 @@ class Progress:
             return
         self.last = now
         eta = (now - self.start) / done * (self.total - done)
-        line = f"{self.prefix} [{done:>{len(str(self.total))}}/{self.total}] {text_fn()} eta {eta:4.0f}s"
+        line = f"{self.prefix} [{done:>{len(str(self.total))}}/{self.total}] {text_fn()} eta {format_time(eta)}"
         print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", flush=True)
 
     def say(self, text):
