@@ -948,6 +948,16 @@ class TestReliability(unittest.TestCase):
             self.assertGreater(len(calls), 2)                  # it saved again after the warning
             self.assertEqual(torch.load(out, weights_only=True)["metrics"][-1]["epoch"], 1)
 
+    def test_progress_says_when_the_run_ends(self):
+        # Epoch 1 of 3, 10 batches, each look at the clock 61 s later (the start, then the update):
+        # after 2 batches in 61 s, 8 are left in this epoch and 20 in the two after it.
+        clock = itertools.count(step=61)
+        with unittest.mock.patch.object(train.time, "time", lambda: next(clock)), \
+                contextlib.redirect_stdout(io.StringIO()) as out:
+            progress = train.Progress(10, "epoch 1/3", later=2)
+            progress.update(2, lambda: "loss 2.3")          # 30.5 s a batch
+        self.assertIn("epoch 1/3 [ 2/10] loss 2.3 eta 4:04, run 14:14", out.getvalue())
+
     def test_long_evaluation_shows_progress(self):
         # In a log file (not a terminal) a line a minute: a fine-tuned ViT-B/16 evaluates for
         # minutes on a CPU. Here each look at the clock is 61 s later.
