@@ -954,7 +954,7 @@ class TestReliability(unittest.TestCase):
         clock = itertools.count(step=61)
         with unittest.mock.patch.object(train.time, "time", lambda: next(clock)), \
                 contextlib.redirect_stdout(io.StringIO()) as out:
-            progress = train.Progress(10, "epoch 1/3", later=2)
+            progress = train.Progress(10, "epoch 1/3", after=20)
             progress.update(2, lambda: "loss 2.3")          # 30.5 s a batch
         self.assertIn("epoch 1/3 [ 2/10] loss 2.3 eta 4:04, run 14:14", out.getvalue())
 

@@ -623,13 +623,13 @@ class Optimizers:
 class Progress:
     """Rewrites one terminal line with the epoch's progress; in a log file, writes a line now and then.
 
-    `later` epochs of the same length follow this one: the line then also says when the run should
-    end at this pace, so that a preset made for a GPU, started on a laptop, says "12 hours" in its
-    first seconds rather than after its first epoch (evaluations not counted).
+    With `after`, the steps of the epochs still to come, the line also says how long the whole run
+    has to go at this pace (evaluations not counted): a preset made for a GPU, started on a laptop,
+    says it will take hours in its first seconds, not after its first epoch.
     """
 
-    def __init__(self, total, prefix, enabled=True, later=0):
-        self.total, self.prefix, self.enabled, self.later = total, prefix, enabled, later
+    def __init__(self, total, prefix, enabled=True, after=0):
+        self.total, self.prefix, self.enabled, self.after = total, prefix, enabled, after
         self.tty = sys.stdout.isatty()
         self.start = self.last = time.time()
 
@@ -640,8 +640,8 @@ class Progress:
         self.last = now
         per_batch = (now - self.start) / done
         eta = format_time(per_batch * (self.total - done))
-        if self.later:
-            eta += f", run {format_time(per_batch * (self.total - done + self.later * self.total))}"
+        if self.after:
+            eta += f", run {format_time(per_batch * (self.total - done + self.after))}"
         line = f"{self.prefix} [{done:>{len(str(self.total))}}/{self.total}] {text_fn()} eta {eta}"
         print(("\r" + line + "\033[K") if self.tty else line, end="" if self.tty else "\n", flush=True)
 
@@ -749,7 +749,7 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
     device, accum = ctx["device"], ctx["grad_accum"]
     # Summed on the device: a .item() per step would make the CPU wait for the GPU after every step.
     sums = torch.zeros(3, device=device) if sums is None else sums.to(device)
-    progress = Progress(len(loader) // accum, ctx["prefix"], ctx["rank"] == 0, ctx.get("epochs_after", 0))
+    progress = Progress(len(loader) // accum, ctx["prefix"], ctx["rank"] == 0, ctx.get("steps_after", 0))
     optimizer.zero_grad(set_to_none=True)
     end = len(loader) // accum * accum            # the batches of whole steps
     for i, (images, labels, index) in enumerate(loader):
@@ -1233,7 +1233,7 @@ def run(args, given):
             ctx["train_size"] = (side, side)
             at = f" at {side}px" if side != cfg.image_size else ""      # said only while shrunk
             ctx["prefix"] = f"epoch {epoch + 1}/{args.epochs}{at}"
-            ctx["epochs_after"] = args.epochs - epoch - 1
+            ctx["steps_after"] = (args.epochs - epoch - 1) * steps_per_epoch    # for the progress line
             t0 = time.time()
             # Images of this epoch trained before a resume (every process starts from the saved sums),
             # which this part's time and speed must leave out.
