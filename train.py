@@ -752,7 +752,7 @@ def train_one_epoch(model, loader, optimizer, scaler, step, sched, ctx, sums=Non
     device, accum = ctx["device"], ctx["grad_accum"]
     # Summed on the device: a .item() per step would make the CPU wait for the GPU after every step.
     sums = torch.zeros(3, device=device) if sums is None else sums.to(device)
-    progress = Progress(len(loader) // accum, ctx["prefix"], ctx["rank"] == 0, ctx.get("steps_after", 0))
+    progress = Progress(len(loader) // accum, ctx["prefix"], ctx["rank"] == 0, ctx["steps_after"])
     optimizer.zero_grad(set_to_none=True)
     end = len(loader) // accum * accum            # the batches of whole steps
     for i, (images, labels, index) in enumerate(loader):
@@ -1138,7 +1138,7 @@ def run(args, given):
     ctx = dict(device=device, rank=rank, world=world, input_size=cfg.input_size, train_size=cfg.input_size,
                mean=torch.tensor(mean, device=device), std=torch.tensor(std, device=device),
                autocast=autocast, label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
-               grad_accum=args.grad_accum, prefix="", stop=StopRequest(loud=is_main), ema=ema,
+               grad_accum=args.grad_accum, prefix="", steps_after=0, stop=StopRequest(loud=is_main), ema=ema,
                raw_model=model, crop_padding=args.crop_padding, flip=args.flip, epoch=0, tta=args.tta,
                save_part=None, save_every=60 * args.save_every, saved_at=time.time(),
                # Which images epoch 0 mirrors under --flip alternate: a random half, drawn from the
