@@ -70,7 +70,7 @@ TORCHVISION_VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 # (results/README.md, "The batch size when no flag is given").
 # With AdamW for everything, 2e-3 ended 0.9 points below 1e-3 in one run of the class-token model,
 # but it is the better rate for today's mean-token model: 1.6 points above 1e-3 on average over
-# three seeds at batch 32, and at batch 128, scaled by the rule, 4e-3 ended 1.8 points above 2e-3
+# three seeds at batch 32, and at batch 128, scaled by the rule, 4e-3 ended 1.6 points above 2e-3
 # (two seeds); ahead at every seed of both. 4e-3 at batch 32 ended 1.5 points below 2e-3 (one
 # seed), so the rate peaks near 2e-3 (results/README.md, "AdamW's default rate, at batch 32 and 128").
 # Fine-tuning pretrained weights: the paper's recipe (Sec. 4.1, Table 4, Appendix B.1.1): SGD with
