@@ -1467,8 +1467,8 @@ def check_args(args, world, given):
         if name in given and value == "":
             raise ValueError(f"--{name.replace('_', '-')} is empty; give it a value, or leave it out")
     if args.batch_size <= 0 or args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be positive and divisible by the "
-                         f"{world} processes (it is the global batch)")
+        raise ValueError(f"--batch-size {args.batch_size} must be positive" + (
+            f" and divisible by the {world} processes (it is the global batch)" if world > 1 else ""))
     if args.grad_accum <= 0 or (args.batch_size // world) % args.grad_accum:
         raise ValueError(f"--grad-accum {args.grad_accum} must be positive and divide the batch of "
                          f"each process ({args.batch_size // world})")
