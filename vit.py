@@ -438,8 +438,9 @@ def resize_pos_embed(pos_embed, old_grid, new_grid, has_cls=True):
     """Resize learned position embeddings to a new patch grid (the paper's Sec. 3.2).
 
     A model trained on an old_grid of patches meets a different grid when the image size changes. The
-    patch embeddings are a 2-D map in disguise, so we lay them out on the old grid, resize that map
-    bicubically, and flatten again; the class token's embedding belongs to no position and is kept.
+    patches' position embeddings are a 2-D map in disguise, so we lay them out on the old grid, resize
+    that map bicubically, and flatten again; the class token's embedding belongs to no position and is
+    kept.
     pos_embed: (1, N_old, D) -> (1, N_new, D)
     """
     if tuple(old_grid) == tuple(new_grid):
